@@ -1,0 +1,54 @@
+"""ISOConfig: what the user sets, validated where it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from .split import validate_split
+
+# Prompts shorter than this run the stock path. Below ~512 tokens the two half-size
+# all-reduces of a split cost about as much as one full-size all-reduce (they are
+# latency-bound: vLLM RFC #56126 measures 1.5-2x at small sizes), so there is nothing to
+# hide; TokenWeave enables its split only from 1024. See README "Choosing min_tokens".
+DEFAULT_MIN_TOKENS = 512
+
+
+@dataclass
+class ISOConfig:
+    """Intra-sequence overlap settings.
+
+    num_chunks: chunks the prompt is split into (>= 1; 1 disables the split). Default: the
+        number of explicit fractions, else 2 (the usual optimum, see the design brief).
+    split: "even", "balanced" (equal compute per chunk), "auto" (cost model), or fractions.
+    min_tokens: prompts with fewer tokens run the stock path.
+    enabled: False restores stock behaviour everywhere.
+    """
+
+    num_chunks: Optional[int] = None
+    split: Union[str, Sequence[float]] = "balanced"
+    min_tokens: int = DEFAULT_MIN_TOKENS
+    enabled: bool = True
+
+    def __post_init__(self):
+        try:
+            validate_split(self.split)
+        except ValueError as e:
+            raise ValueError(f"ISOConfig.split: {e}") from None
+        if not isinstance(self.split, str):
+            self.split = tuple(float(f) for f in self.split)
+            if self.num_chunks is None:
+                self.num_chunks = len(self.split)
+        if self.num_chunks is None:
+            self.num_chunks = 2
+        if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int):
+            raise ValueError(f"ISOConfig.num_chunks must be an int, got {self.num_chunks!r}")
+        if self.num_chunks < 1:
+            raise ValueError(f"ISOConfig.num_chunks must be >= 1, got {self.num_chunks}")
+        if not isinstance(self.split, str) and len(self.split) != self.num_chunks:
+            raise ValueError(
+                f"ISOConfig.split has {len(self.split)} fractions but num_chunks is {self.num_chunks}")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise ValueError(f"ISOConfig.min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"ISOConfig.enabled must be a bool, got {self.enabled!r}")

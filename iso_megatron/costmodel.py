@@ -1,0 +1,336 @@
+"""Cost model: predicts prefill time with and without ISO by simulating the same schedule.
+
+Per layer and per tensor-parallel rank, a chunk of tokens [start, end) costs
+  attn = qkv GEMM + causal attention core (queries start..end-1 against keys 0..end-1) + proj GEMM
+  mlp  = fc1 GEMM (two of them when gated) + fc2 GEMM
+  AR   = ring all-reduce of the chunk's partial sum, (end-start)*batch*hidden*dtype_bytes bytes,
+         latency + bytes * 2(n-1)/n / bus_bw  (NCCL-tests' "busbw" convention; n = 1: no AR)
+Each GEMM is a roofline, max(flops / matmul rate, bytes / memory bandwidth), with its weights read
+once per chunk: this is why tiny chunks cost more than they hide. Norms, activations and the
+embedding / output layer are left out (they are the same with and without ISO).
+
+`simulate` runs `schedule.prefill_schedule` on two resources, the compute stream and the link,
+and assumes compute and communication do not slow each other down (NCCL kernels do take some SMs
+in reality), so ISO predictions are optimistic bounds. Times are seconds inside, ms in results.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+from .schedule import PARTS, Step, prefill_schedule
+from .split import Split, TokenCost, chunk_boundaries
+
+GEMM_EFFICIENCY = 0.80  # achievable / datasheet dense tensor rate for large cuBLAS GEMMs
+MEM_EFFICIENCY = 0.85   # achievable / datasheet DRAM bandwidth (streaming reads)
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    matmul_tflops: float  # achievable dense GEMM rate in the model's dtype
+    mem_bw_gbs: float     # achievable DRAM bandwidth
+    source: str = ""
+
+    @classmethod
+    def from_measurement(cls, name: str, gemm_flops: float, gemm_s: float, mem_bw_gbs: float,
+                         source: str = "measured") -> "DeviceProfile":
+        """A profile calibrated from one timed large GEMM (flops, seconds) and a bandwidth."""
+        return cls(name, gemm_flops / gemm_s / 1e12, mem_bw_gbs, source)
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    name: str
+    latency_us: float  # fixed cost of one all-reduce
+    bus_bw_gbs: float  # achievable all-reduce bus bandwidth (NCCL-tests busbw)
+    source: str = ""
+
+    @classmethod
+    def from_measurement(cls, name: str, nbytes: float, seconds: float, tp: int,
+                         latency_us: float = 0.0, source: str = "measured") -> "LinkProfile":
+        """A profile calibrated from one timed all-reduce of `nbytes` over `tp` ranks."""
+        busbw = nbytes * 2 * (tp - 1) / tp / (seconds - latency_us * 1e-6)
+        return cls(name, latency_us, busbw / 1e9, source)
+
+
+DEVICES: Dict[str, DeviceProfile] = {
+    "4090": DeviceProfile("RTX 4090", 165.2 * GEMM_EFFICIENCY, 1008 * MEM_EFFICIENCY,
+                          "NVIDIA Ada Lovelace architecture whitepaper (RTX 4090: 165.2 TFLOPS dense "
+                          "BF16 tensor with FP32 accumulate, 1008 GB/s GDDR6X)"),
+    "a800": DeviceProfile("A800 SXM 80GB", 312 * GEMM_EFFICIENCY, 2039 * MEM_EFFICIENCY,
+                          "NVIDIA A800 / A100 80GB SXM datasheet (312 TFLOPS dense BF16, 2039 GB/s HBM2e)"),
+    "h100": DeviceProfile("H100 SXM", 989 * GEMM_EFFICIENCY, 3350 * MEM_EFFICIENCY,
+                          "NVIDIA H100 datasheet, SXM5 (989 TFLOPS dense BF16, 3.35 TB/s HBM3)"),
+}
+
+LINKS: Dict[str, LinkProfile] = {
+    "4090": LinkProfile("PCIe 4.0 x16, no P2P", 40.0, 11.0,
+                        "PCIe 4.0 x16 = 32 GB/s per direction; GeForce has no P2P, so NCCL stages "
+                        "through host memory (SHM): all-reduce busbw ~10-12 GB/s, latency tens of us "
+                        "(nccl-tests all_reduce_perf reports, e.g. NVIDIA/nccl-tests#307)"),
+    "a800": LinkProfile("NVLink 3, 400 GB/s (A800)", 15.0, 160.0,
+                        "A800 SXM datasheet: NVLink 400 GB/s bidirectional (A100: 600); all-reduce "
+                        "busbw ~150-200 GB/s achievable (A100 reaches ~230 in nccl-tests)"),
+    "h100": LinkProfile("NVLink 4, 900 GB/s", 15.0, 400.0,
+                        "H100 SXM datasheet: NVLink 900 GB/s bidirectional; nccl-tests all-reduce "
+                        "busbw ~350-450 GB/s within one HGX node"),
+}
+
+MACHINES: Dict[str, Tuple[DeviceProfile, LinkProfile]] = {k: (DEVICES[k], LINKS[k]) for k in DEVICES}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    num_layers: int
+    hidden: int
+    num_heads: int
+    num_query_groups: int
+    ffn_hidden: int
+    gated: bool
+    vocab: int = 0
+
+    @property
+    def kv_hidden(self) -> int:
+        return self.num_query_groups * (self.hidden // self.num_heads)
+
+    def layer_params(self) -> int:
+        h, f = self.hidden, self.ffn_hidden
+        return h * (h + 2 * self.kv_hidden) + h * h + h * f * (2 if self.gated else 1) + f * h
+
+    def params(self) -> int:
+        """Weights of all layers plus untied embedding and output layer (norms, biases left out)."""
+        return self.num_layers * self.layer_params() + 2 * self.vocab * self.hidden
+
+    @classmethod
+    def from_megatron_config(cls, config, name: str = "megatron", vocab: int = 0) -> "ModelShape":
+        """Read a megatron-core TransformerConfig (by attribute only; megatron is not imported)."""
+        hidden = getattr(config, "hidden_size")
+        heads = getattr(config, "num_attention_heads")
+        return cls(name=name, num_layers=getattr(config, "num_layers"), hidden=hidden, num_heads=heads,
+                   num_query_groups=getattr(config, "num_query_groups", None) or heads,
+                   ffn_hidden=getattr(config, "ffn_hidden_size", None) or 4 * hidden,
+                   gated=bool(getattr(config, "gated_linear_unit", False)), vocab=vocab)
+
+
+MODELS: Dict[str, ModelShape] = {
+    "30b": ModelShape("30B (OPT-30B-like)", 60, 6656, 52, 52, 17920, False, 50272),
+    "70b": ModelShape("70B (Llama-2-70B)", 80, 8192, 64, 8, 28672, True, 32000),
+}
+
+
+def token_cost(model: ModelShape) -> TokenCost:
+    """The relative per-token / per-pair compute that `split` uses for balanced boundaries."""
+    return TokenCost.from_dims(model.hidden, model.ffn_hidden, model.kv_hidden, model.gated)
+
+
+# ---------------------------------------------------------------- per-chunk costs
+
+class PartCost(NamedTuple):
+    compute_s: float  # compute of the part up to its partial sum
+    comm_s: float     # the all-reduce of that partial sum
+
+
+def _roofline(flops: float, nbytes: float, device: DeviceProfile) -> float:
+    return max(flops / (device.matmul_tflops * 1e12), nbytes / (device.mem_bw_gbs * 1e9))
+
+
+def gemm_time(m: int, k: int, n: float, device: DeviceProfile, dtype_bytes: int = 2) -> float:
+    """[m, k] x [k, n]: reads both operands (weights once), writes the output."""
+    return _roofline(2.0 * m * k * n, (m * k + k * n + m * n) * dtype_bytes, device)
+
+
+def allreduce_time(nbytes: float, link: LinkProfile, tp: int) -> float:
+    if tp <= 1 or nbytes <= 0:
+        return 0.0
+    return link.latency_us * 1e-6 + nbytes * 2 * (tp - 1) / tp / (link.bus_bw_gbs * 1e9)
+
+
+def chunk_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int, start: int,
+                end: int, batch: int = 1, dtype_bytes: int = 2) -> Dict[str, PartCost]:
+    """Per-layer, per-rank cost of the chunk [start, end): {"attn": PartCost, "mlp": PartCost}."""
+    m, h, d = (end - start) * batch, model.hidden, model.hidden // model.num_heads
+    heads, groups = model.num_heads / tp, model.num_query_groups / tp
+    pairs = (end * (end + 1) - start * (start + 1)) / 2  # causal (query, key) pairs
+    core_bytes = batch * (2 * (end - start) * heads + 2 * end * groups) * d * dtype_bytes  # Q,O; K,V
+    core = _roofline(4.0 * d * pairs * heads * batch, core_bytes, device)  # QK^T + PV, flash-style
+    attn = (gemm_time(m, h, (h + 2 * model.kv_hidden) / tp, device, dtype_bytes) + core
+            + gemm_time(m, h / tp, h, device, dtype_bytes))
+    fc1 = gemm_time(m, h, model.ffn_hidden / tp, device, dtype_bytes)
+    mlp = fc1 * (2 if model.gated else 1) + gemm_time(m, model.ffn_hidden / tp, h, device, dtype_bytes)
+    ar = allreduce_time(m * h * dtype_bytes, link, tp)
+    return {"attn": PartCost(attn, ar), "mlp": PartCost(mlp, ar)}
+
+
+def step_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int,
+               boundaries: Sequence[int], batch: int = 1, dtype_bytes: int = 2) -> Dict[Tuple[str, int], PartCost]:
+    """{(part, chunk): PartCost} for chunks given by token `boundaries` (same for every layer)."""
+    costs = {}
+    for c, (s, e) in enumerate(zip(boundaries[:-1], boundaries[1:])):
+        for part, cost in chunk_costs(model, device, link, tp, s, e, batch, dtype_bytes).items():
+            costs[(part, c)] = cost
+    return costs
+
+
+# ---------------------------------------------------------------- simulation
+
+def simulate(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int], PartCost]) -> float:
+    """Seconds to run the steps on one compute stream and one link (transfers queue in order).
+
+    compute: runs after the previous compute. reduce: starts when its compute is done and the
+    link is free. finish: the compute stream waits until that all-reduce is done.
+    """
+    compute_free = link_free = 0.0
+    computed: Dict[tuple, float] = {}
+    reduced: Dict[tuple, float] = {}
+    for s in schedule_steps:
+        key = (s.layer, s.part, s.chunk)
+        if s.op == "compute":
+            compute_free += step_costs[(s.part, s.chunk)].compute_s
+            computed[key] = compute_free
+        elif s.op == "reduce":
+            link_free = max(computed[key], link_free) + step_costs[(s.part, s.chunk)].comm_s
+            reduced[key] = link_free
+        elif s.op == "finish":
+            compute_free = max(compute_free, reduced[key])
+        else:
+            raise ValueError(f"unknown step op {s.op!r}")
+    return max(compute_free, link_free)
+
+
+@lru_cache(maxsize=64)
+def _schedule(num_layers: int, num_chunks: int) -> Tuple[Step, ...]:
+    return tuple(prefill_schedule(num_layers, num_chunks))
+
+
+def _time(model, device, link, tp, boundaries, batch, dtype_bytes) -> float:
+    costs = step_costs(model, device, link, tp, boundaries, batch, dtype_bytes)
+    return simulate(_schedule(model.num_layers, len(boundaries) - 1), costs)
+
+
+# ---------------------------------------------------------------- predictions and plans
+
+class Prediction(NamedTuple):
+    baseline_ms: float  # stock: one chunk, every all-reduce waited at once (= sum C + sum M)
+    iso_ms: float       # the ISO schedule with the given boundaries
+    compute_ms: float   # all compute of the ISO chunks, no communication
+    comm_ms: float      # all all-reduces of the ISO chunks
+    ideal_ms: float     # lower bound: max(compute_ms, comm_ms) over the whole prefill
+
+
+class Plan(NamedTuple):
+    num_chunks: int
+    boundaries: List[int]
+    predicted_ms: float
+    baseline_ms: float
+
+
+def predict(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int, seq_len: int,
+            batch: int = 1, boundaries: Optional[Sequence[int]] = None, num_chunks: int = 2,
+            split: Split = "balanced", dtype_bytes: int = 2) -> Prediction:
+    """Baseline and ISO prefill times; `boundaries` win over `num_chunks`/`split` ("auto" = best_plan)."""
+    if boundaries is None:
+        if split == "auto":
+            boundaries = best_plan(model, device, link, tp, seq_len, batch, num_chunks, dtype_bytes).boundaries
+        else:
+            boundaries = chunk_boundaries(seq_len, num_chunks, split, token_cost(model))
+    boundaries = list(boundaries)
+    if boundaries[0] != 0 or boundaries[-1] != seq_len or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
+        raise ValueError(f"boundaries must rise strictly from 0 to seq_len={seq_len}, got {boundaries}")
+    costs = step_costs(model, device, link, tp, boundaries, batch, dtype_bytes)
+    iso = simulate(_schedule(model.num_layers, len(boundaries) - 1), costs)
+    base = _time(model, device, link, tp, [0, seq_len], batch, dtype_bytes)
+    compute = model.num_layers * sum(c.compute_s for c in costs.values())
+    comm = model.num_layers * sum(c.comm_s for c in costs.values())
+    return Prediction(base * 1e3, iso * 1e3, compute * 1e3, comm * 1e3, max(compute, comm) * 1e3)
+
+
+def _first_then_balanced(seq_len: int, k: int, first: float, cost: TokenCost) -> List[int]:
+    """Chunk 0 gets `first` of the tokens; the rest split into k-1 chunks of equal compute."""
+    a, b = cost.attn_pair / 2, cost.linear + cost.attn_pair / 2
+    f = lambda t: b * t + a * t * t  # cumulative cost of the first t tokens
+    inv = lambda y: y / b if a == 0 else (-b + (b * b + 4 * a * y) ** 0.5) / (2 * a)
+    t0 = first * seq_len
+    points = [0.0, t0] + [inv(f(t0) + i / (k - 1) * (f(seq_len) - f(t0))) for i in range(1, k - 1)] + [float(seq_len)]
+    fractions = [(q - p) / seq_len for p, q in zip(points, points[1:])]
+    return chunk_boundaries(seq_len, k, fractions)
+
+
+def best_plan(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int, seq_len: int,
+              batch: int = 1, max_chunks: int = 4, dtype_bytes: int = 2, chunk_margin: float = 0.002) -> Plan:
+    """Fastest predicted plan over K = 1..max_chunks and the first boundary (rest balanced).
+
+    Returns K = 1 (no split) unless some split is predicted faster than the baseline. Each extra
+    chunk must save another `chunk_margin` of the baseline, for the per-chunk costs the model
+    leaves out (kernel launches, stream syncs); ties go to fewer chunks.
+    """
+    run = lambda bounds: _time(model, device, link, tp, bounds, batch, dtype_bytes)
+    base = run([0, seq_len])
+    best = Plan(1, [0, seq_len], base * 1e3, base * 1e3)
+    tc = token_cost(model)
+    for k in range(2, min(max_chunks, seq_len) + 1):
+        seen: Dict[tuple, float] = {}
+
+        def try_first(x: float) -> float:
+            bounds = tuple(_first_then_balanced(seq_len, k, x, tc))
+            if len(bounds) - 1 == k and bounds not in seen:
+                seen[bounds] = run(list(bounds))
+            return seen.get(bounds, float("inf"))
+
+        for split in ("even", "balanced"):
+            bounds = tuple(chunk_boundaries(seq_len, k, split, tc))
+            if len(bounds) - 1 == k:
+                seen.setdefault(bounds, run(list(bounds)))
+        coarse = [i / 40 for i in range(1, 40)]
+        x0 = min(coarse, key=try_first)
+        for i in range(-10, 11):  # refine around the coarse optimum
+            if 0 < x0 + i / 400 < 1:
+                try_first(x0 + i / 400)
+        bounds, t = min(seen.items(), key=lambda kv: kv[1])
+        if t < base * (1 - 1e-9) and t * 1e3 < best.predicted_ms - chunk_margin * base * 1e3:
+            best = Plan(k, list(bounds), t * 1e3, base * 1e3)
+    return best
+
+
+def min_tokens_for(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int, batch: int = 1,
+                   grid: Sequence[int] = tuple(64 * 2 ** i for i in range(9)), min_gain: float = 0.01,
+                   max_chunks: int = 4) -> Optional[int]:
+    """Smallest prompt length in `grid` from which on (every longer grid point too) the best plan
+    beats the baseline by at least `min_gain`; None if even the longest does not."""
+    answer = None
+    for n in sorted(grid, reverse=True):
+        plan = best_plan(model, device, link, tp, n, batch, max_chunks)
+        if plan.predicted_ms > plan.baseline_ms * (1 - min_gain):
+            break
+        answer = n
+    return answer
+
+
+def ratio_profile(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int, seq_len: int,
+                  batch: int = 1, part: Optional[str] = None, dtype_bytes: int = 2) -> float:
+    """Communication / compute ratio M / C of the unsplit prompt, per layer (or of one part)."""
+    costs = chunk_costs(model, device, link, tp, 0, seq_len, batch, dtype_bytes)
+    parts = PARTS if part is None else (part,)
+    if any(p not in costs for p in parts):
+        raise ValueError(f"part must be one of {PARTS} or None, got {part!r}")
+    return sum(costs[p].comm_s for p in parts) / sum(costs[p].compute_s for p in parts)
+
+
+def parse_gpu_profile(spec: str) -> Tuple[DeviceProfile, LinkProfile, ModelShape, int]:
+    """"gpu:<device>/<model>/tp<N>", e.g. "gpu:4090/30b/tp4" -> (device, link, model, tp)."""
+    m = re.fullmatch(r"gpu:([^/]+)/([^/]+)/tp(\d+)", spec.strip()) if isinstance(spec, str) else None
+    if m is None:
+        raise ValueError(f"GPU profile must look like 'gpu:<device>/<model>/tp<N>' "
+                         f"(e.g. 'gpu:4090/30b/tp4'), got {spec!r}")
+    dev, model, tp = m.group(1).lower(), m.group(2).lower(), int(m.group(3))
+    if dev not in MACHINES:
+        raise ValueError(f"unknown device {dev!r} in {spec!r}; known: {sorted(MACHINES)}")
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r} in {spec!r}; known: {sorted(MODELS)}")
+    if tp < 1:
+        raise ValueError(f"tp must be >= 1 in {spec!r}")
+    return MACHINES[dev][0], MACHINES[dev][1], MODELS[model], tp

@@ -1,0 +1,94 @@
+"""Row-parallel linears whose all-reduce can be deferred to the ISO schedule.
+
+Subclasses of megatron-core's own classes: no parameter added or renamed, so every state-dict
+key and checkpoint stays as it is. With `defer_reduce` off they ARE the stock module. With it
+on, forward returns the rank's partial sum and the bias (skip_bias_add, as stock for
+`linear_proj` and `linear_fc2`); the schedule starts the all-reduce and adds the bias after it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch.nn.functional as F
+from megatron.core.tensor_parallel.layers import RowParallelLinear
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class DeferredReduceMixin:
+    defer_reduce = False  # set per instance by the ISO block around a prefill
+
+    def forward(self, input_, *args, **kwargs):
+        if not self.defer_reduce:
+            return super().forward(input_, *args, **kwargs)
+        # The local GEMM of the stock forward, without the reduce that follows it.
+        return F.linear(input_, self.weight), self.bias
+
+
+class ISORowParallelLinear(DeferredReduceMixin, RowParallelLinear):
+    """RowParallelLinear with a deferrable all-reduce."""
+
+
+class ChunkAttentionMixin:
+    """Core attention that can be told it runs a later chunk of a causal prefill.
+
+    Stock attention switches to `no_mask` once the KV cache offset is > 0 (it assumes decode),
+    so ISO passes each chunk an explicit mask: rows = the chunk's queries, columns = keys 0..end.
+    The local DotProductAttention applies any mask it is given; TE's fused kernels need the
+    bottom-right-aligned causal mask type instead (`chunk_causal` is set by the ISO block).
+    """
+
+    chunk_causal = False
+
+
+class ISODotProductAttention(ChunkAttentionMixin, DotProductAttention):
+    """DotProductAttention; for a chunk its softmax treats the mask as a general one.
+
+    A `causal` softmax assumes a square score matrix (its fused kernel asserts sq == sk); a
+    later chunk's scores are [chunk, keys so far], so the explicit mask is applied as `padding`.
+    """
+
+    def forward(self, *args, **kwargs):
+        if not self.chunk_causal:
+            return super().forward(*args, **kwargs)
+        softmax = self.scale_mask_softmax
+        stock_type, softmax.attn_mask_type = softmax.attn_mask_type, AttnMaskType.padding
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            softmax.attn_mask_type = stock_type
+
+
+@functools.lru_cache(maxsize=None)
+def te_classes():
+    """{stock TE class: ISO subclass} where Transformer Engine imports, else {}."""
+    try:
+        from megatron.core.extensions.transformer_engine import (
+            HAVE_TE,
+            TEDotProductAttention,
+            TERowParallelLinear,
+        )
+    except (ImportError, RuntimeError):
+        return {}
+    if not HAVE_TE:  # megatron defines placeholders then
+        return {}
+
+    class ISOTERowParallelLinear(DeferredReduceMixin, TERowParallelLinear):
+        """TERowParallelLinear with a deferrable all-reduce (bf16/fp16/fp32 weights, no FP8)."""
+
+    class ISOTEDotProductAttention(ChunkAttentionMixin, TEDotProductAttention):
+        def forward(self, query, key, value, attention_mask, *args, **kwargs):
+            if self.chunk_causal:
+                kwargs["attn_mask_type"] = AttnMaskType.causal_bottom_right
+                attention_mask = None
+            return super().forward(query, key, value, attention_mask, *args, **kwargs)
+
+    return {TERowParallelLinear: ISOTERowParallelLinear,
+            TEDotProductAttention: ISOTEDotProductAttention}
+
+
+def iso_classes():
+    """{stock class: ISO subclass} for every module ISO replaces below the layer."""
+    return {RowParallelLinear: ISORowParallelLinear,
+            DotProductAttention: ISODotProductAttention, **te_classes()}

@@ -1,0 +1,76 @@
+"""The ISO prefill schedule, as data.
+
+One list of steps drives both the executor (`transformer.ISOTransformerBlock`) and the cost
+model (`costmodel`). A step is one of:
+
+  compute(layer, part, chunk)  run the part ("attn" or "mlp") of one chunk up to the local
+                               partial sum of its row-parallel linear (reduce deferred)
+  reduce(layer, part, chunk)   start that partial sum's tensor-parallel all-reduce (async)
+  finish(layer, part, chunk)   wait for that all-reduce, then add bias and residual: the
+                               chunk's hidden state is now ready for the next part
+
+Per layer, with chunks 0..K-1 (the paper's two-chunk table, generalised):
+
+  attn(0) attn(1) ... attn(K-1) | mlp(0) mlp(1) ... mlp(K-1)
+
+each compute is followed at once by its reduce, and each finish is placed as late as possible:
+right before the first compute that reads it. So every all-reduce is in flight while the next
+chunk computes, and the last chunk's MLP all-reduce of layer L overlaps the first chunk's
+attention of layer L+1. The causal dependency (chunk i attends to the keys/values of 0..i) is
+met because chunk i's attention always comes after chunk 0..i-1's at the same layer.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple
+
+PARTS = ("attn", "mlp")
+
+
+class Step(NamedTuple):
+    op: str  # "compute" | "reduce" | "finish"
+    layer: int
+    part: str  # "attn" | "mlp"
+    chunk: int
+
+
+def prefill_schedule(num_layers: int, num_chunks: int) -> List[Step]:
+    """The whole prefill's steps over `num_layers` layers, `num_chunks` sequence chunks."""
+    if num_layers < 1 or num_chunks < 1:
+        raise ValueError(f"need num_layers >= 1 and num_chunks >= 1, got {num_layers}, {num_chunks}")
+    steps: List[Step] = []
+    for layer in range(num_layers):
+        for c in range(num_chunks):
+            if layer > 0:  # chunk c's output of the previous layer is first read here
+                steps.append(Step("finish", layer - 1, "mlp", c))
+            steps += [Step("compute", layer, "attn", c), Step("reduce", layer, "attn", c)]
+        for c in range(num_chunks):
+            steps += [
+                Step("finish", layer, "attn", c),
+                Step("compute", layer, "mlp", c),
+                Step("reduce", layer, "mlp", c),
+            ]
+    # drain: the block's output needs every chunk of the last layer
+    steps += [Step("finish", num_layers - 1, "mlp", c) for c in range(num_chunks)]
+    return steps
+
+
+def check_schedule(steps: List[Step]) -> None:
+    """Assert the invariants the executor relies on (used by tests and the cost model)."""
+    done = set()
+    for s in steps:
+        key = (s.layer, s.part, s.chunk)
+        if s.op == "compute":
+            if s.part == "attn":
+                # needs its own input (previous layer's mlp finished) and earlier chunks' K/V
+                assert s.layer == 0 or ("finish", s.layer - 1, "mlp", s.chunk) in done, s
+                assert all(("compute", s.layer, "attn", c) in done for c in range(s.chunk)), s
+            else:
+                assert ("finish", s.layer, "attn", s.chunk) in done, s
+        elif s.op == "reduce":
+            assert ("compute",) + key in done, s
+        elif s.op == "finish":
+            assert ("reduce",) + key in done, s
+        else:
+            raise AssertionError(f"unknown op {s.op!r}")
+        done.add((s.op,) + key)

@@ -1,0 +1,114 @@
+"""Run a function on N real ranks (separate processes, gloo), with a timeout that kills them all.
+
+`run_ranks(n, "tests.cases_core:core_group", *args)` starts `python -m tests.harness` n times,
+each in its own process group; every rank calls `fn(*args)` after torch.distributed is up
+and returns a picklable result. Any rank failing, or the deadline passing, kills every rank's
+whole process group and raises with the failing rank's traceback. Ranks are started once per
+group of cases: importing megatron-core costs seconds per process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class RankFailure(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill(procs):
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        p.wait()
+
+
+def run_ranks(world_size: int, target: str, *args, timeout: float = 300, env=None):
+    """Results of `target(*args)` on each rank, in rank order."""
+    with tempfile.TemporaryDirectory(prefix="iso_ranks_") as tmp:
+        with open(os.path.join(tmp, "args.pkl"), "wb") as f:
+            pickle.dump((target, args), f)
+        port = _free_port()
+        procs = []
+        for rank in range(world_size):
+            rank_env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank),
+                            WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                            LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                            PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+                            **(env or {}))
+            log = open(os.path.join(tmp, f"rank{rank}.log"), "wb")
+            procs.append(subprocess.Popen([sys.executable, "-m", "tests.harness", tmp], cwd=ROOT,
+                                          env=rank_env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+        deadline = time.monotonic() + timeout
+        try:
+            while any(p.poll() is None for p in procs):
+                if any(p.returncode not in (None, 0) for p in procs):
+                    break  # one rank died: the others may wait forever on it
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        finally:
+            _kill(procs)
+        logs = []
+        for rank in range(world_size):
+            with open(os.path.join(tmp, f"rank{rank}.log"), "rb") as f:
+                logs.append(f.read().decode(errors="replace"))
+        results = []
+        for rank, p in enumerate(procs):
+            out = os.path.join(tmp, f"rank{rank}.pkl")
+            if p.returncode != 0 or not os.path.exists(out):
+                timed_out = time.monotonic() > deadline
+                why = f"timed out after {timeout:.0f}s" if timed_out else f"exit code {p.returncode}"
+                raise RankFailure(f"rank {rank} of {world_size} failed ({why}) running {target}\n"
+                                  + "\n".join(f"--- rank {r} log tail ---\n{l[-4000:]}"
+                                              for r, l in enumerate(logs)))
+            with open(out, "rb") as f:
+                results.append(pickle.load(f))
+        return results
+
+
+def _rank_main(tmp: str) -> None:
+    import torch.distributed as dist
+
+    with open(os.path.join(tmp, "args.pkl"), "rb") as f:
+        target, args = pickle.load(f)
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
+    module, name = target.split(":")
+    try:
+        result = getattr(importlib.import_module(module), name)(*args)
+    except BaseException:
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)  # skip the collective teardown: the other ranks are about to be killed
+    with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    _rank_main(sys.argv[1])
