@@ -9,6 +9,8 @@ The same code serves both. `emulated link` backends for benchmarks implement the
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch.distributed as dist
 
 
@@ -20,3 +22,22 @@ class TorchDistReducer:
 
     def start(self, tensor):
         return dist.all_reduce(tensor, group=self.group, async_op=True)
+
+
+_factory = TorchDistReducer
+
+
+def make_reducer(group):
+    """The reducer ISO uses for `group`: TorchDistReducer unless `use_reducer` says otherwise."""
+    return _factory(group)
+
+
+@contextmanager
+def use_reducer(factory):
+    """Route ISO's reduces through `factory(group)` (benchmarks: an emulated link)."""
+    global _factory
+    previous, _factory = _factory, factory
+    try:
+        yield
+    finally:
+        _factory = previous

@@ -1,15 +1,12 @@
 """The ISO transformer block and layer: megatron-core's own, with a chunked, overlapped prefill.
 
 `run_prefill` is the executor: it walks `schedule.prefill_schedule` and does, per step, what
-the stock layer does for the whole sequence, on one chunk:
+the stock layer does for the whole sequence, on one chunk (`MegatronSteps`; the Hugging Face
+path supplies its own steps to the same executor):
   attn compute   input_layernorm -> self_attention (linear_proj's reduce deferred)
   mlp compute    pre_mlp_layernorm -> mlp (linear_fc2's reduce deferred)
   reduce         start the all-reduce of that partial sum
   finish         wait for it, then the stock bias-dropout-add onto the residual
-Attention for chunk i runs through megatron's static KV-cache path with the cache offset at
-the chunk's first token: it writes the chunk's K/V where stock prefill would and attends to
-keys 0..end. Without a caller's inference context a private one is used, and each layer's K/V
-are dropped as soon as its last chunk has attended (one layer's K/V alive at a time).
 
 Anything ISO does not handle (training, TP 1, decode, short prompts, packed sequences,
 dynamic batching, ...) runs the stock code unchanged: `plan_prefill` decides.
@@ -28,7 +25,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from . import compat
-from .comm import TorchDistReducer
+from .comm import make_reducer
 from .config import ISOConfig
 from .layers import ChunkAttentionMixin, DeferredReduceMixin
 from .schedule import prefill_schedule
@@ -105,9 +102,14 @@ def plan_prefill(iso: Optional[ISOConfig], config, training: bool, hidden_states
     cost = TokenCost.from_dims(config.hidden_size, config.ffn_hidden_size,
                                config.kv_channels * (config.num_query_groups or config.num_attention_heads),
                                config.gated_linear_unit)
-    split = "balanced" if iso.split == "auto" else iso.split
-    bounds = chunk_boundaries(seq_len, iso.num_chunks, split, cost)
-    return bounds if len(bounds) > 2 else None
+    if iso.split == "auto":
+        from .autosplit import auto_boundaries
+
+        bounds = auto_boundaries(config, seq_len, hidden_states.size(1), compat.tp_world_size(),
+                                 iso.num_chunks, cost)
+    else:
+        bounds = chunk_boundaries(seq_len, iso.num_chunks, iso.split, cost)
+    return bounds if bounds is not None and len(bounds) > 2 else None
 
 
 def chunk_mask(mask, start: int, end: int, device):
@@ -119,49 +121,78 @@ def chunk_mask(mask, start: int, end: int, device):
 
 # ---- the executor --------------------------------------------------------------------------
 
-def run_prefill(layers, hidden_states, bounds, args, reducer) -> List[torch.Tensor]:
-    """Run the ISO schedule over `layers`; returns the output hidden states, chunk by chunk."""
-    num_chunks = len(bounds) - 1
-    chunks = [hidden_states[bounds[c]:bounds[c + 1]] for c in range(num_chunks)]
-    masks = [chunk_mask(args.get("attention_mask"), bounds[c], bounds[c + 1], hidden_states.device)
-             for c in range(num_chunks)]
-    ctx = args.get("inference_context")
-    private_kv = ctx is None
-    if private_kv:
-        ctx = StaticInferenceContext(hidden_states.size(1), hidden_states.size(0))
-    attn_kwargs = {k: args.get(k) for k in ("rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin",
-                                            "sequence_len_offset")}
+def run_prefill(steps, num_layers: int, chunks: List[torch.Tensor], reducer) -> List[torch.Tensor]:
+    """Walk the ISO schedule. `steps` computes one layer part of one chunk (framework-specific):
+      steps.attention(layer, chunk, hidden) -> (partial, bias)   reduce deferred
+      steps.mlp(layer, chunk, hidden)       -> (partial, bias)   reduce deferred
+      steps.finish(layer, part, partial, bias, residual) -> hidden
+    `reducer.start(tensor)` begins an in-place all-reduce and returns a handle with `wait()`.
+    Returns the output hidden states, chunk by chunk.
+    """
+    chunks = list(chunks)
     in_flight = {}  # (layer, part, chunk) -> [partial sum, bias, residual, reduce handle]
     try:
-        for step in prefill_schedule(len(layers), num_chunks):
-            layer, c = layers[step.layer], step.chunk
-            key = (step.layer, step.part, c)
+        for step in prefill_schedule(num_layers, len(chunks)):
+            key, c = (step.layer, step.part, step.chunk), step.chunk
             if step.op == "compute":
-                if step.part == "attn":
-                    ctx.sequence_len_offset = bounds[c]
-                    out, bias = layer.self_attention(
-                        layer.input_layernorm(chunks[c]), attention_mask=masks[c],
-                        inference_context=ctx, **attn_kwargs)
-                    if private_kv and c == num_chunks - 1:
-                        del ctx.key_value_memory_dict[layer.layer_number]
-                else:
-                    out, bias = layer.mlp(layer.pre_mlp_layernorm(chunks[c]))
+                compute = steps.attention if step.part == "attn" else steps.mlp
+                out, bias = compute(step.layer, c, chunks[c])
                 in_flight[key] = [out, bias, chunks[c], None]
             elif step.op == "reduce":
                 in_flight[key][3] = reducer.start(in_flight[key][0])
             else:  # finish
                 out, bias, residual, handle = in_flight.pop(key)
                 handle.wait()
-                bda = layer.self_attn_bda if step.part == "attn" else layer.mlp_bda
-                with layer.bias_dropout_add_exec_handler():
-                    chunks[c] = bda(layer.training, layer.config.bias_dropout_fusion)(
-                        (out, bias), residual, layer.hidden_dropout)
+                chunks[c] = steps.finish(step.layer, step.part, out, bias, residual)
     finally:
-        ctx.sequence_len_offset = 0
-        for handle in (v[3] for v in in_flight.values()):
-            if handle is not None:  # an exception mid-schedule: leave no reduce dangling
-                handle.wait()
+        for entry in in_flight.values():
+            if entry[3] is not None:  # an exception mid-schedule: leave no reduce dangling
+                entry[3].wait()
     return chunks
+
+
+class MegatronSteps:
+    """The chunk steps of megatron-core TransformerLayers (what the stock layer does, per chunk).
+
+    Attention for chunk c goes through megatron's static KV-cache path with the cache offset at
+    the chunk's first token, and an explicit mask (rows: the chunk's queries, columns: keys
+    0..end). Without a caller's inference context a private one holds the K/V, and each layer's
+    are dropped once its last chunk has attended: one layer's K/V alive at a time.
+    """
+
+    def __init__(self, layers, bounds, args, batch_size: int, device):
+        self.layers, self.bounds = layers, bounds
+        self.masks = [chunk_mask(args.get("attention_mask"), bounds[c], bounds[c + 1], device)
+                      for c in range(len(bounds) - 1)]
+        self.ctx = args.get("inference_context")
+        self.private_kv = self.ctx is None
+        if self.private_kv:
+            self.ctx = StaticInferenceContext(batch_size, bounds[-1])
+        self.attn_kwargs = {k: args.get(k) for k in
+                            ("rotary_pos_emb", "rotary_pos_cos", "rotary_pos_sin", "sequence_len_offset")}
+
+    def attention(self, i, c, hidden):
+        layer = self.layers[i]
+        self.ctx.sequence_len_offset = self.bounds[c]
+        try:
+            out = layer.self_attention(layer.input_layernorm(hidden), attention_mask=self.masks[c],
+                                       inference_context=self.ctx, **self.attn_kwargs)
+        finally:
+            self.ctx.sequence_len_offset = 0  # as the caller left it (ISO runs only at offset 0)
+        if self.private_kv and c == len(self.masks) - 1:
+            del self.ctx.key_value_memory_dict[layer.layer_number]
+        return out
+
+    def mlp(self, i, c, hidden):
+        layer = self.layers[i]
+        return layer.mlp(layer.pre_mlp_layernorm(hidden))
+
+    def finish(self, i, part, out, bias, residual):
+        layer = self.layers[i]
+        bda = layer.self_attn_bda if part == "attn" else layer.mlp_bda
+        with layer.bias_dropout_add_exec_handler():
+            return bda(layer.training, layer.config.bias_dropout_fusion)(
+                (out, bias), residual, layer.hidden_dropout)
 
 
 @contextmanager
@@ -183,10 +214,12 @@ def iso_mode(layers):
             m.__dict__.pop("chunk_causal", None)
 
 
-def _prefill(layers, hidden_states, bounds, args, config):
-    reducer = TorchDistReducer(compat.tp_group(layers[0].self_attention.linear_proj))
+def _prefill(layers, hidden_states, bounds, args):
+    chunks = [hidden_states[bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
+    steps = MegatronSteps(layers, bounds, args, hidden_states.size(1), hidden_states.device)
+    reducer = make_reducer(compat.tp_group(layers[0].self_attention.linear_proj))
     with iso_mode(layers):
-        return run_prefill(layers, hidden_states, bounds, args, reducer)
+        return run_prefill(steps, len(layers), chunks, reducer)
 
 
 # ---- the modules ---------------------------------------------------------------------------
@@ -217,7 +250,7 @@ class ISOTransformerLayer(TransformerLayer):
             warnings.warn("ISO layers run inside a stock TransformerBlock overlap within each "
                           "layer only; call iso_megatron.apply_iso(model) for cross-layer overlap")
             self._warned_single = True
-        chunks = _prefill([self], hidden_states, bounds, bound, self.config)
+        chunks = _prefill([self], hidden_states, bounds, bound)
         return torch.cat(chunks, dim=0), bound.get("context")
 
 
@@ -234,7 +267,7 @@ class ISOTransformerBlock(TransformerBlock):
         bounds = plan_prefill(self.iso_config, self.config, self.training, hidden_states, bound)
         if bounds is None or len(self.layers) == 0:
             return super().forward(*call.args[1:], **call.kwargs)
-        chunks = _prefill(list(self.layers), hidden_states, bounds, bound, self.config)
+        chunks = _prefill(list(self.layers), hidden_states, bounds, bound)
         if self.final_layernorm is not None:
             chunks = [self.final_layernorm(c) for c in chunks]
         return torch.cat(chunks, dim=0)
