@@ -258,6 +258,7 @@ class ISOTransformerBlock(TransformerBlock):
     """TransformerBlock whose prefill runs the ISO schedule across all its layers."""
 
     iso_config: Optional[ISOConfig] = None
+    last_bounds: Optional[List[int]] = None  # chunk boundaries of the last forward; None = stock
 
     def forward(self, *args, **kwargs):
         call = _BLOCK_FORWARD.bind(self, *args, **kwargs)
@@ -265,7 +266,10 @@ class ISOTransformerBlock(TransformerBlock):
         bound["hidden_states"] = compat.unwrap(bound["hidden_states"])  # unwraps only once
         hidden_states = bound["hidden_states"] if self.pre_process else self.input_tensor
         bounds = plan_prefill(self.iso_config, self.config, self.training, hidden_states, bound)
-        if bounds is None or len(self.layers) == 0:
+        if len(self.layers) == 0:
+            bounds = None
+        self.last_bounds = bounds
+        if bounds is None:
             return super().forward(*call.args[1:], **call.kwargs)
         chunks = _prefill(list(self.layers), hidden_states, bounds, bound)
         if self.final_layernorm is not None:

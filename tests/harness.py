@@ -112,3 +112,20 @@ def _rank_main(tmp: str) -> None:
 
 if __name__ == "__main__":
     _rank_main(sys.argv[1])
+
+
+def run_torchrun(nproc: int, argv, timeout: float = 300, env=None):
+    """`torchrun --nproc-per-node nproc argv...` in its own process group; killed whole on timeout.
+    Returns (returncode, combined output)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port())] + list(argv)
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise RankFailure(f"torchrun {argv} timed out after {timeout}s\n{out.decode(errors='replace')[-4000:]}")
+    return proc.returncode, out.decode(errors="replace")

@@ -1,0 +1,211 @@
+"""Megatron-LM's command-line flags (the subset inference needs), same names and meanings.
+
+megatron-core wheels ship no `megatron.training` argument parser (0.16 on Python 3.11), so the
+launcher parses these names itself; where `megatron.training` is importable, `parse_args` uses
+its parser with our flags added through an extra-args provider instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import DEFAULT_MIN_TOKENS, ISOConfig
+
+# The embedded default model (no --load): small, seeded, Llama-style, byte-level tokenizer.
+EMBEDDED_DEFAULT = dict(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8,
+                        group_query_attention=True, num_query_groups=4, normalization="RMSNorm",
+                        swiglu=True, disable_bias_linear=True, position_embedding_type="rope",
+                        max_position_embeddings=4096, seq_length=4096,
+                        untie_embeddings_and_output_weights=True, tokenizer_type="ByteLevelTokenizer")
+
+# Model-shape flags that --use-checkpoint-args takes from the checkpoint (Megatron's list).
+CHECKPOINT_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                   "group_query_attention", "num_query_groups", "kv_channels",
+                   "max_position_embeddings", "position_embedding_type", "rotary_base",
+                   "rotary_percent", "normalization", "norm_epsilon", "swiglu",
+                   "add_bias_linear", "add_qkv_bias", "untie_embeddings_and_output_weights",
+                   "padded_vocab_size", "vocab_size", "make_vocab_size_divisible_by",
+                   "apply_residual_connection_post_layernorm", "qk_layernorm", "seq_length",
+                   "tokenizer_type", "bf16", "fp16")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (Megatron-LM names)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                   help="TP size; default: the number of processes (torchrun --nproc-per-node)")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int, help="default 4*hidden (swiglu: 8/3*hidden, /64*64)")
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--kv-channels", type=int, help="default hidden/heads")
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "none"],
+                   default="learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_false", dest="add_bias_linear")
+    g.add_argument("--add-qkv-bias", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--apply-residual-connection-post-layernorm", action="store_true")
+    g.add_argument("--qk-layernorm", action="store_true")
+    g.add_argument("--vocab-size", type=int, help="unpadded vocabulary (default: the tokenizer's)")
+    g.add_argument("--padded-vocab-size", type=int, help="padded vocabulary, as stored in checkpoints")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    c = p.add_argument_group("checkpoint and tokenizer (Megatron-LM names)")
+    c.add_argument("--load", help="checkpoint directory (Megatron torch/torch_dist or DeepSpeed)")
+    c.add_argument("--ckpt-format", choices=["auto", "torch", "torch_dist", "deepspeed"], default="auto")
+    c.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model shape from the args stored in the checkpoint")
+    c.add_argument("--tokenizer-type", default=None,
+                   help="ByteLevelTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, "
+                        "SentencePieceTokenizer, Llama2Tokenizer, TikTokenizer, NullTokenizer")
+    c.add_argument("--tokenizer-model")
+    c.add_argument("--vocab-file")
+    c.add_argument("--merge-file")
+
+
+def add_iso_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ISO")
+    g.add_argument("--iso", dest="iso", action="store_true", default=True,
+                   help="intra-sequence overlap in prefill (default on)")
+    g.add_argument("--no-iso", dest="iso", action="store_false")
+    g.add_argument("--iso-chunks", type=int, default=2)
+    g.add_argument("--iso-split", default="balanced", help="even | balanced | auto | f1,f2,...")
+    g.add_argument("--iso-min-tokens", type=int, default=DEFAULT_MIN_TOKENS)
+
+
+def iso_config_from_args(args) -> ISOConfig:
+    split = args.iso_split
+    if split not in ("even", "balanced", "auto"):
+        try:
+            split = tuple(float(f) for f in split.split(","))
+        except ValueError:
+            raise ValueError(f"--iso-split: expected even, balanced, auto or comma-separated "
+                             f"fractions, got {args.iso_split!r}") from None
+    chunks = len(split) if isinstance(split, tuple) else args.iso_chunks
+    try:
+        return ISOConfig(num_chunks=chunks, split=split, min_tokens=args.iso_min_tokens,
+                         enabled=args.iso)
+    except ValueError as e:
+        raise ValueError(f"--iso-*: {e}") from None
+
+
+def vocab_size_with_padding(orig_vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's padding: up to a multiple of make_vocab_size_divisible_by * TP."""
+    multiple = divisible_by * tp
+    return int(math.ceil(orig_vocab_size / multiple) * multiple)
+
+
+def complete_args(args, tp: int) -> None:
+    """Fill Megatron's derived defaults (ffn size, kv channels, groups, vocab padding)."""
+    if args.ffn_hidden_size is None and args.hidden_size:
+        args.ffn_hidden_size = (int(4 * args.hidden_size * 2 / 3 / 64) * 64 if args.swiglu
+                                else 4 * args.hidden_size)
+    if args.kv_channels is None and args.hidden_size and args.num_attention_heads:
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if not args.group_query_attention:
+        args.num_query_groups = args.num_attention_heads
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.padded_vocab_size is None and args.vocab_size is not None:
+        args.padded_vocab_size = vocab_size_with_padding(args.vocab_size,
+                                                         args.make_vocab_size_divisible_by, tp)
+
+
+def check_args(args, world_size: int) -> List[str]:
+    """Megatron-style messages for flags that can't work together (empty when all is well)."""
+    errors = []
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
+        if getattr(args, name) is None:
+            errors.append(f"--{name.replace('_', '-')} is required (or --load with --use-checkpoint-args)")
+    if errors:
+        return errors
+    tp = args.tensor_model_parallel_size
+    if tp < 1 or world_size % tp or world_size != tp:
+        errors.append(f"--tensor-model-parallel-size ({tp}) must equal the number of processes "
+                      f"({world_size}); run torchrun --nproc-per-node {tp}")
+    if args.bf16 and args.fp16:
+        errors.append("--bf16 and --fp16 are mutually exclusive")
+    if args.hidden_size % args.num_attention_heads and args.kv_channels is None:
+        errors.append(f"--hidden-size ({args.hidden_size}) must be divisible by "
+                      f"--num-attention-heads ({args.num_attention_heads}) unless --kv-channels is set")
+    if args.num_attention_heads % tp:
+        errors.append(f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
+                      f"--tensor-model-parallel-size ({tp})")
+    groups = args.num_query_groups if args.group_query_attention else args.num_attention_heads
+    if args.group_query_attention and args.num_attention_heads % groups:
+        errors.append(f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
+                      f"--num-query-groups ({groups})")
+    if groups % tp:
+        errors.append(f"--num-query-groups ({groups}) must be divisible by "
+                      f"--tensor-model-parallel-size ({tp})")
+    if args.padded_vocab_size is not None and args.padded_vocab_size % tp:
+        errors.append(f"--padded-vocab-size ({args.padded_vocab_size}) must be divisible by "
+                      f"--tensor-model-parallel-size ({tp})")
+    return errors
+
+
+def transformer_config(args):
+    """megatron.core TransformerConfig from Megatron-LM args (inference: no dropout)."""
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    return TransformerConfig(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
+        kv_channels=args.kv_channels, normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon, gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
+        apply_residual_connection_post_layernorm=args.apply_residual_connection_post_layernorm,
+        qk_layernorm=args.qk_layernorm,
+        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
+        bf16=args.bf16, fp16=args.fp16, use_cpu_initialization=not torch.cuda.is_available(),
+        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=torch.cuda.is_available(),
+        gradient_accumulation_fusion=False, persist_layer_norm=False)
+
+
+def megatron_training_available() -> bool:
+    try:
+        return importlib.util.find_spec("megatron.training") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def parse_args(extra_args_provider, argv: Optional[List[str]] = None, defaults: Optional[dict] = None):
+    """Megatron-LM's own parser plus ours where megatron.training is installed, else ours."""
+    if megatron_training_available():
+        from megatron.training.arguments import parse_args as megatron_parse_args
+
+        def provider(p):
+            add_iso_args(p)
+            extra_args_provider(p)
+            return p
+
+        return megatron_parse_args(extra_args_provider=provider, ignore_unknown_args=False), None
+    p = argparse.ArgumentParser(prog="launch/infer.py", allow_abbrev=False,
+                                description="ISO prefill + decode of a Megatron-core GPT model")
+    add_model_args(p)
+    add_iso_args(p)
+    extra_args_provider(p)
+    p.set_defaults(**(defaults or {}))
+    return p.parse_args(argv), p

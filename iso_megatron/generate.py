@@ -1,0 +1,119 @@
+"""Prefill + decode of a megatron-core GPTModel with megatron's static inference context.
+
+Prefill is one forward over the prompt (ISO when the model has it and the prompt qualifies),
+decode is token by token on the stock path. Sampling is identical on every TP rank: logits are
+gathered, and every rank draws from the same seeded generator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from .cpu import causal_mask
+
+
+@dataclass
+class Generation:
+    prompt_token_ids: List[int]
+    generated_token_ids: List[int]
+    prefill_ms: float
+    decode_ms_per_token: float
+    prefill_logits: torch.Tensor = field(repr=False)  # [s, vocab] float32, every prompt position
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill(model, ids: torch.Tensor, ctx: StaticInferenceContext, mask: torch.Tensor):
+    """Logits [b, s, vocab] for every prompt position; fills ctx's KV cache."""
+    b, s = ids.shape
+    ctx.materialize_only_last_token_logits = False
+    pos = torch.arange(s, device=ids.device)[None].expand(b, s)
+    return model(ids, pos, mask[..., :s, :s], inference_context=ctx, runtime_gather_output=True)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+           generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Next token [b] from logits [b, vocab]: greedy when temperature == 0 or top_k == 1."""
+    if temperature == 0.0 or top_k == 1:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: List[int], num_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 0.0, seed: int = 1234, eos_id: Optional[int] = None,
+             max_sequence_length: Optional[int] = None, device=None, progress=None) -> Generation:
+    device = device or next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    s = ids.size(1)
+    max_len = s + num_tokens
+    if max_sequence_length is not None and max_len > max_sequence_length:
+        raise ValueError(f"prompt ({s} tokens) + {num_tokens} generated tokens exceed the model's "
+                         f"max_position_embeddings ({max_sequence_length})")
+    mask = causal_mask(max_len, device=device)
+    generator = torch.Generator().manual_seed(seed)
+    ctx = StaticInferenceContext(1, max_len)
+    _sync(device)
+    t0 = time.perf_counter()
+    logits = prefill(model, ids, ctx, mask)
+    _sync(device)
+    prefill_ms = (time.perf_counter() - t0) * 1e3
+    prefill_logits = logits[0].float()
+    out: List[int] = []
+    forwards = 0  # the first token comes from the prefill's logits
+    t0 = time.perf_counter()
+    last = logits[:, -1]
+    ctx.sequence_len_offset = s
+    ctx.enable_decode_mode()
+    for i in range(num_tokens):
+        token = sample(last, temperature, top_k, top_p, generator)
+        out.append(int(token[0]))
+        if progress is not None:
+            progress.update(1)
+        if (eos_id is not None and out[-1] == eos_id) or i == num_tokens - 1:
+            break
+        p = s + i
+        logits = model(token[:, None], torch.full((1, 1), p, device=device),
+                       mask[..., p:p + 1, :p + 1], inference_context=ctx, runtime_gather_output=True)
+        forwards += 1
+        ctx.sequence_len_offset += 1
+        last = logits[:, -1]
+    _sync(device)
+    decode_ms = (time.perf_counter() - t0) * 1e3 / max(forwards, 1)
+    return Generation(list(prompt_ids), out, prefill_ms, decode_ms, prefill_logits)
+
+
+@torch.no_grad()
+def time_prefill(model, prompt_ids: List[int], device=None, repeats: int = 1):
+    """(median ms, logits [s, vocab]) of `repeats` prefills, each into a fresh static context."""
+    device = device or next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
+    s = ids.size(1)
+    mask = causal_mask(s, device=device)
+    times = []
+    for _ in range(repeats):
+        ctx = StaticInferenceContext(1, s)
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = prefill(model, ids, ctx, mask)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2], logits[0].float()

@@ -1,0 +1,331 @@
+"""ISO prefill, then decode, of a Megatron-core GPT model over tensor parallelism.
+
+    torchrun --standalone --nproc-per-node 2 launch/infer.py                 # embedded default
+    torchrun --nproc-per-node 2 launch/infer.py --load CKPT --use-checkpoint-args \\
+        --tokenizer-type GPT2BPETokenizer --vocab-file V --merge-file M --prompts "Hello"
+
+Model flags are Megatron-LM's (see --help). With no --load a small seeded model and a byte-level
+tokenizer are built, so it runs on a fresh machine with nothing downloaded. Rank 0 prints.
+Timings: one warm-up prefill (excluded), then the timed run; CUDA is synchronised before every
+clock read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", category=UserWarning)
+
+# A ~600-byte prompt: over ISO's default min_tokens (512), so the embedded default shows ISO.
+DEFAULT_PROMPT = (
+    "Tensor parallelism splits every weight matrix of a transformer across GPUs. Each layer then "
+    "ends its attention and its MLP with an all-reduce of partial sums, and while that all-reduce "
+    "runs, the GPUs wait. Intra-sequence overlap cuts the prompt into chunks along the sequence: "
+    "while the first chunk's partial sums travel between GPUs, the second chunk computes. Causal "
+    "attention lets the later chunk read the keys and values of the earlier one, which are "
+    "already local to every rank, so no extra communication is needed. The outputs are the same "
+    "as without the overlap, the checkpoints are the same, and prefill takes less time wherever "
+    "the all-reduce is a large part of it, as on PCIe machines without peer-to-peer links."
+)
+
+
+def add_inference_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference")
+    g.add_argument("--prompts", nargs="+", metavar="TEXT")
+    g.add_argument("--prompt-file", help="one prompt per line")
+    g.add_argument("--prompt-token-ids", help="comma-separated token ids (bypasses the tokenizer)")
+    g.add_argument("--num-tokens-to-generate", type=int, default=16)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.0)
+    g.add_argument("--compare-baseline", action="store_true",
+                   help="also time stock prefill on the same input; report the largest logit difference")
+    g.add_argument("--timing-repeats", type=int, default=5,
+                   help="--compare-baseline: median of this many prefills each way")
+    g.add_argument("--output-json", metavar="PATH")
+    g.add_argument("--deepspeed", action="store_true", help="wrap the model in DeepSpeed's inference engine")
+    g.add_argument("--deepspeed-config", metavar="JSON", help="DeepSpeed inference config (may hold \"iso\")")
+
+
+def fail(parser, msg: str):
+    """Megatron-style argument error: usage + message, exit 2, identical on every rank."""
+    if parser is not None:
+        parser.error(msg)
+    raise SystemExit(f"error: {msg}")
+
+
+def prepare_args(argv=None):
+    """Parse and check everything that needs no process group: every rank fails alike."""
+    from iso_megatron import args as margs
+
+    argv = sys.argv[1:] if argv is None else argv
+    embedded = not any(a == "--load" or a.startswith("--load=") for a in argv)
+    # no --load: the embedded default model's shape is the default of every model flag
+    args, parser = margs.parse_args(add_inference_args, argv,
+                                    margs.EMBEDDED_DEFAULT if embedded else None)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tensor_model_parallel_size is None:
+        args.tensor_model_parallel_size = world
+    if args.load is None:
+        if args.use_checkpoint_args:
+            fail(parser, "--use-checkpoint-args needs --load")
+    else:
+        if not os.path.isdir(args.load):
+            fail(parser, f"--load {args.load}: no such directory")
+        if args.use_checkpoint_args:
+            from iso_megatron.checkpoint import checkpoint_args
+
+            try:
+                stored = checkpoint_args(args.load)
+            except (OSError, ValueError) as e:
+                fail(parser, f"--use-checkpoint-args: {e}")
+            if not stored:
+                fail(parser, f"--use-checkpoint-args: the checkpoint in {args.load} stores no args")
+            for k in margs.CHECKPOINT_ARGS:
+                if k in stored and stored[k] is not None:
+                    setattr(args, k, stored[k])
+    if sum(x is not None for x in (args.prompts, args.prompt_file, args.prompt_token_ids)) > 1:
+        fail(parser, "give only one of --prompts, --prompt-file, --prompt-token-ids")
+    if args.num_tokens_to_generate < 1:
+        fail(parser, "--num-tokens-to-generate must be >= 1")
+    if args.deepspeed_config and not args.deepspeed:
+        fail(parser, "--deepspeed-config needs --deepspeed")
+    if args.micro_batch_size != 1:
+        fail(parser, "--micro-batch-size: prompts are run one at a time; only 1 is supported")
+    try:
+        args.iso_config = margs.iso_config_from_args(args)
+    except ValueError as e:
+        fail(parser, str(e))
+    tokenizer = None
+    if args.tokenizer_type is None and args.prompt_token_ids is None:
+        fail(parser, "--tokenizer-type is required for text prompts with --load "
+                     "(or give --prompt-token-ids)")
+    if args.tokenizer_type is not None and args.tokenizer_type != "NullTokenizer":
+        try:
+            tokenizer = build_tokenizer(args)
+        except Exception as e:  # tokenizer files are the user's: say which one failed
+            fail(parser, f"--tokenizer-type {args.tokenizer_type}: {type(e).__name__}: {e}")
+        if args.vocab_size is None and args.padded_vocab_size is None:
+            args.vocab_size = tokenizer.vocab_size
+    if args.vocab_size is None and args.padded_vocab_size is None:
+        fail(parser, "--vocab-size or --padded-vocab-size is required without a tokenizer")
+    margs.complete_args(args, args.tensor_model_parallel_size)
+    errors = margs.check_args(args, world)
+    if errors:
+        fail(parser, "; ".join(errors))
+    args.prompt_ids = prompt_token_ids(args, tokenizer, parser)
+    for ids in args.prompt_ids:
+        if max(ids) >= args.padded_vocab_size or min(ids) < 0:
+            fail(parser, f"prompt token id {max(ids)} outside the vocabulary ({args.padded_vocab_size})")
+        if len(ids) + args.num_tokens_to_generate > args.max_position_embeddings:
+            fail(parser, f"prompt ({len(ids)} tokens) + --num-tokens-to-generate "
+                         f"({args.num_tokens_to_generate}) exceed --max-position-embeddings "
+                         f"({args.max_position_embeddings})")
+    return args, tokenizer
+
+
+def build_tokenizer(args):
+    from megatron.core.tokenizers import MegatronTokenizer
+
+    if args.tokenizer_type == "ByteLevelTokenizer":
+        return MegatronTokenizer.from_pretrained(metadata_path={"library": "byte-level"})
+    from megatron.core.tokenizers.text.utils.build_tokenizer import build_tokenizer as mbuild
+
+    defaults = dict(tokenizer_special_tokens=None, tokenizer_hf_use_fast=True,
+                    trust_remote_code=False, tokenizer_hf_include_special_tokens=False,
+                    tokenizer_sentencepiece_legacy=False, tokenizer_metadata=None,
+                    tiktoken_pattern=None, tiktoken_num_special_tokens=1000)
+    ns = argparse.Namespace(**{**defaults, **vars(args)})
+    return mbuild(ns)
+
+
+def detokenize(tokenizer, ids):
+    """Text of `ids`; ids the tokenizer can't render (padded vocabulary) show as <id>."""
+    try:
+        return tokenizer.detokenize(ids)
+    except Exception:
+        parts = []
+        for i in ids:
+            try:
+                parts.append(tokenizer.detokenize([i]))
+            except Exception:
+                parts.append(f"<{i}>")
+        return "".join(parts)
+
+
+def prompt_token_ids(args, tokenizer, parser):
+    if args.prompt_token_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
+        except ValueError:
+            fail(parser, f"--prompt-token-ids: expected comma-separated integers, got {args.prompt_token_ids!r}")
+        if not ids:
+            fail(parser, "--prompt-token-ids is empty")
+        return [ids]
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                texts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            fail(parser, f"--prompt-file: {e}")
+    else:
+        texts = args.prompts or [DEFAULT_PROMPT]
+    if tokenizer is None:
+        fail(parser, "text prompts need a tokenizer (--tokenizer-type), or use --prompt-token-ids")
+    args.prompt_texts = texts
+    out = [list(tokenizer.tokenize(t)) for t in texts]
+    if any(not ids for ids in out):
+        fail(parser, "a prompt tokenizes to no tokens")
+    return out
+
+
+def init_distributed(args):
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    from iso_megatron import apply_cpu_shims
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        apply_cpu_shims()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python launch/infer.py`: one process
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size)
+    torch.manual_seed(args.seed)
+    if cuda:
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def build_model(args, device):
+    from megatron.core.models.gpt import GPTModel
+
+    from iso_megatron import apply_iso, get_gpt_layer_iso_spec
+    from iso_megatron.args import transformer_config
+
+    config = transformer_config(args)
+    if args.transformer_impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        base = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        base = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
+    model = GPTModel(config, get_gpt_layer_iso_spec(base, args.iso_config),
+                     vocab_size=args.padded_vocab_size,
+                     max_sequence_length=args.max_position_embeddings,
+                     position_embedding_type=args.position_embedding_type,
+                     rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
+                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+    if args.load:
+        from iso_megatron.checkpoint import load_checkpoint
+
+        load_checkpoint(model, args.load, ckpt_format=args.ckpt_format)
+    model = model.to(device).eval()
+    apply_iso(model, args.iso_config)
+    if args.deepspeed:
+        from iso_megatron.patches.deepspeed import init_inference_megatron
+
+        ds_config = {}
+        if args.deepspeed_config:
+            with open(args.deepspeed_config) as f:
+                ds_config = json.load(f)
+        model = init_inference_megatron(model, ds_config)
+    return model
+
+
+def run(args, tokenizer, device, rank: int) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from iso_megatron import ISOConfig, apply_iso
+    from iso_megatron.generate import generate, time_prefill
+
+    mcore = getattr(args, "_mcore_model", None)
+    results = []
+    bar = tqdm(total=len(args.prompt_ids) * args.num_tokens_to_generate, desc="generating",
+               disable=rank != 0, file=sys.stderr)
+    for ids in args.prompt_ids:
+        time_prefill(args.model, ids, device)  # warm-up, excluded from the timings
+        bounds = getattr(mcore.decoder, "last_bounds", None)  # None: the stock path ran
+        gen = generate(args.model, ids, args.num_tokens_to_generate, args.temperature, args.top_k,
+                       args.top_p, args.seed, getattr(tokenizer, "eod", None) if args.temperature else None,
+                       args.max_position_embeddings, device, progress=bar)
+        rec = dict(prompt_token_ids=ids, generated_token_ids=gen.generated_token_ids,
+                   prefill_ms=round(gen.prefill_ms, 3),
+                   decode_ms_per_token=round(gen.decode_ms_per_token, 3))
+        if tokenizer is not None:
+            rec["generated_text"] = detokenize(tokenizer, gen.generated_token_ids)
+        rec["iso_chunk_bounds"] = bounds
+        if args.compare_baseline:
+            iso_ms, iso_logits = time_prefill(args.model, ids, device, args.timing_repeats)
+            apply_iso(mcore, ISOConfig(enabled=False))
+            time_prefill(args.model, ids, device)  # warm-up of the stock path
+            base_ms, base_logits = time_prefill(args.model, ids, device, args.timing_repeats)
+            apply_iso(mcore, args.iso_config)
+            rec.update(prefill_ms=round(iso_ms, 3), baseline_prefill_ms=round(base_ms, 3),
+                       speedup=round(base_ms / iso_ms, 4),
+                       max_abs_logit_diff=float((iso_logits - base_logits).abs().max()))
+        results.append(rec)
+    bar.close()
+    iso = args.iso_config
+    return dict(tp=args.tensor_model_parallel_size, device=str(device),
+                iso=dict(enabled=iso.enabled, num_chunks=iso.num_chunks,
+                         split=iso.split if isinstance(iso.split, str) else list(iso.split),
+                         min_tokens=iso.min_tokens),
+                checkpoint=args.load, timing_note=("one warm-up prefill excluded; with --compare-baseline both prefill "
+                             f"times are medians of {args.timing_repeats}"),
+                **results[0], results=results)
+
+
+def main(argv=None) -> int:
+    args, tokenizer = prepare_args(argv)
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    device = init_distributed(args)
+    rank = dist.get_rank()
+    try:
+        with tqdm(total=1, desc="loading" if args.load else "building embedded default model",
+                  disable=rank != 0, file=sys.stderr) as bar:
+            args.model = build_model(args, device)
+            args._mcore_model = getattr(args.model, "module", args.model)
+            bar.update(1)
+        out = run(args, tokenizer, device, rank)
+    except (ValueError, OSError, RuntimeError) as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    if rank == 0:
+        r = out
+        print(f"TP={out['tp']} device={out['device']} ISO={out['iso']}")
+        for i, rec in enumerate(out["results"]):
+            line = (f"prompt {i}: {len(rec['prompt_token_ids'])} tokens, prefill "
+                    f"{rec['prefill_ms']:.1f} ms, decode {rec['decode_ms_per_token']:.1f} ms/token")
+            if "baseline_prefill_ms" in rec:
+                line += (f", stock prefill {rec['baseline_prefill_ms']:.1f} ms "
+                         f"(x{rec['speedup']:.3f}), max |logit diff| {rec['max_abs_logit_diff']:.3g}")
+            print(line)
+            print(f"  generated ids: {rec['generated_token_ids']}")
+            if "generated_text" in rec:
+                print(f"  generated text: {rec['generated_text']!r}")
+        if args.output_json:
+            with open(args.output_json, "w") as f:
+                json.dump(r, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
