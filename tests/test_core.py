@@ -151,3 +151,25 @@ def test_spec_built_model_without_apply_iso():
         assert rank["block"] == "TransformerBlock"
         assert rank["err"] <= TOL
         assert rank["async_reduces"] == 2 * 2 * 2  # layers x parts x chunks
+
+
+def _have_te():
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except (ImportError, RuntimeError):
+        return False
+    return HAVE_TE
+
+
+@pytest.mark.skipif(not _have_te(), reason="Transformer Engine needs CUDA; not installed on CPU machines")
+def test_transformer_engine_spec_is_accepted():
+    from megatron.core.extensions.transformer_engine import TEDotProductAttention, TERowParallelLinear
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    from iso_megatron import get_gpt_layer_iso_spec
+
+    spec = get_gpt_layer_iso_spec(get_gpt_layer_with_transformer_engine_spec())
+    attn = spec.submodules.self_attention.submodules
+    assert issubclass(attn.linear_proj, TERowParallelLinear) and attn.linear_proj is not TERowParallelLinear
+    assert issubclass(attn.core_attention, TEDotProductAttention)
+    assert spec.submodules.mlp.submodules.linear_fc2 is not TERowParallelLinear
