@@ -1,13 +1,268 @@
-"""split="auto": chunk count and boundaries chosen from the cost model (placeholder: balanced)."""
+"""split="auto": chunk count and boundaries chosen from the cost model, calibrated on this machine.
+
+At the first ISO prefill of a prompt-length bucket, every rank of the tensor-parallel group
+measures, on its own device and through the reducer ISO will really use (`comm.make_reducer`,
+so an emulated link is measured as such):
+  - one GEMM of the model's MLP shape (matmul rate) and one large copy (memory bandwidth);
+  - on CPU only, megatron's unfused attention core (baddbmm, mask, softmax, bmm) at key lengths
+    bucket/2 and bucket: the local DotProductAttention computes the whole [queries, keys]
+    rectangle, which a causal-pair roofline would badly underestimate (on CUDA the fused
+    kernels' causal roofline is kept);
+  - two all-reduces (a small and a large one): link latency and bus bandwidth.
+The ranks' figures are combined with an all-reduce MAX over the TP group (max is exact, so every
+rank holds bit-identical inputs) and every rank then runs the same deterministic search,
+`costmodel.best_plan` over K = 1..max_chunks: the plans, and so the collectives of the
+schedule, are identical on all ranks. Plans are cached per bucket (1/8 octave of prompt length)
+as fractions and scaled to the exact length.
+
+Never slower than stock, as predicted: a plan is used only when it is predicted at least
+`MIN_GAIN` faster than the unsplit baseline at this exact length, and only from `min_tokens`
+on (`costmodel.min_tokens_for` with the calibrated profiles), else None (stock path).
+"""
 
 from __future__ import annotations
 
-from typing import List, Optional
+import math
+import time
+from typing import Dict, List, NamedTuple, Optional
+
+import torch
 
 from .split import TokenCost, chunk_boundaries
+
+MIN_GAIN = 0.02          # predicted saving a plan must reach (covers what the model leaves out)
+CPU_STEP_OVERHEAD_S = 4e-4  # per layer part per chunk on CPU (megatron module calls; measured)
+CUDA_STEP_OVERHEAD_S = 5e-5  # per layer part per chunk on CUDA (a few kernel launches)
+_SMALL_TOKENS = 16
+
+
+class Calibration(NamedTuple):
+    gemm_tflops: float
+    mem_bw_gbs: float
+    attn_score_s: float
+    attn_score_s_per_key: float
+    latency_us: float
+    bus_bw_gbs: float
+    step_overhead_s: float
+
+    def device(self):
+        from .costmodel import DeviceProfile
+
+        return DeviceProfile("calibrated", self.gemm_tflops, self.mem_bw_gbs, "measured at first use",
+                             self.attn_score_s, self.attn_score_s_per_key, self.step_overhead_s)
+
+    def link(self):
+        from .costmodel import LinkProfile
+
+        return LinkProfile("calibrated", self.latency_us, self.bus_bw_gbs, "measured at first use")
+
+
+class AutoPlan(NamedTuple):
+    bucket: int
+    fractions: Optional[tuple]  # None: stock
+    predicted_ms: float
+    baseline_ms: float
+    min_tokens: Optional[int]
+
+
+_calibrations: Dict[tuple, Calibration] = {}
+_plans: Dict[tuple, AutoPlan] = {}
+last: Optional[dict] = None  # the latest decision on this process (benchmarks, tests)
+
+
+def clear_cache() -> None:
+    global last
+    _calibrations.clear()
+    _plans.clear()
+    last = None
+
+
+def bucket_of(seq_len: int) -> int:
+    """The representative length of seq_len's bucket: 8 buckets per octave (~9% apart)."""
+    if seq_len <= 64:
+        return int(seq_len)
+    return int(math.ceil(2 ** (math.ceil(8 * math.log2(seq_len) - 1e-9) / 8)))
+
+
+def _timed(fn, reps: int = 2, sync=None) -> float:
+    fn()  # warm-up
+    if sync:
+        sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        best = min(best, time.perf_counter() - t0)
+    return max(best, 1e-9)
+
+
+def _device_and_group():
+    from megatron.core import parallel_state
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    group = parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+    return device, group
+
+
+def _factory_key():
+    from . import comm
+
+    return comm._factory  # the reducer backend in use: an emulated link calibrates as itself
+
+
+def _measure_compute(config, tp, device, dtype, sync):
+    h = config.hidden_size
+    n = max(1, (config.ffn_hidden_size or 4 * h) // tp)
+    m = 512
+    a, b = torch.randn(m, h, device=device, dtype=dtype), torch.randn(h, n, device=device, dtype=dtype)
+    gemm_s = _timed(lambda: a @ b, reps=5, sync=sync)
+    x = torch.empty(8 << 20, device=device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    copy_s = _timed(lambda: y.copy_(x), reps=5, sync=sync)
+    return 2.0 * m * h * n / gemm_s / 1e12, 2 * x.numel() * 4 / copy_s / 1e9
+
+
+def _measure_attention(config, tp, seq_len, device, dtype):
+    """Seconds per score element of one head for the unfused core at keys = seq_len/2, seq_len."""
+    heads = max(1, config.num_attention_heads // tp)
+    d = config.kv_channels or config.hidden_size // config.num_attention_heads
+    points = []
+    for keys in (max(seq_len // 2, 16), max(seq_len, 32)):
+        rows = min(keys, 256)
+        q = torch.randn(heads, rows, d, device=device, dtype=dtype)
+        k = torch.randn(heads, d, keys, device=device, dtype=dtype)
+        v = torch.randn(heads, keys, d, device=device, dtype=dtype)
+        mask = torch.ones(rows, keys, dtype=torch.bool, device=device).triu(keys - rows + 1)
+        out = torch.empty(heads, rows, keys, device=device, dtype=dtype)
+
+        def core():
+            s = torch.baddbmm(out, q, k, beta=0.0, alpha=1.0 / math.sqrt(d))
+            s.masked_fill_(mask, -10000.0)
+            return torch.bmm(torch.softmax(s, -1), v)
+
+        points.append((keys, _timed(core, reps=3) / (heads * rows * keys)))
+    (k1, t1), (k2, t2) = points
+    slope = (t2 - t1) / (k2 - k1) if k2 > k1 else 0.0
+    slope = max(slope, 0.0)
+    return max(t2 - slope * k2, 0.0), slope
+
+
+def _measure_link(config, batch, seq_len, device, dtype, group):
+    """(latency s, seconds per byte) of one all-reduce through the reducer ISO uses."""
+    from .comm import make_reducer
+
+    reducer = make_reducer(group)
+    h = config.hidden_size
+    sizes = (_SMALL_TOKENS * batch, max(seq_len // 2, 2 * _SMALL_TOKENS) * batch)
+    times = []
+    for tokens in sizes:
+        t = torch.zeros(tokens, h, device=device, dtype=dtype)
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+        times.append(_timed(lambda: reducer.start(t).wait(), reps=3, sync=sync))
+    esize = torch.tensor([], dtype=dtype).element_size()
+    b1, b2 = sizes[0] * h * esize, sizes[1] * h * esize
+    per_byte = max((times[1] - times[0]) / (b2 - b1), 1e-15)
+    latency = max(times[0] - b1 * per_byte, 0.0)
+    return latency, per_byte
+
+
+def calibrate(config, seq_len: int, batch: int, tp: int) -> Calibration:
+    """Measure this machine (collectively over the TP group, identical result on every rank)."""
+    device, group = _device_and_group()
+    dtype = config.params_dtype
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    dims = (config.hidden_size, config.ffn_hidden_size, config.num_attention_heads,
+            config.num_query_groups, config.kv_channels, str(dtype))
+    base_key = (_factory_key(), device.type, dims, tp, batch)
+    key = base_key + (bucket_of(seq_len),)
+    if key in _calibrations:
+        return _calibrations[key]
+    tflops, bw = _measure_compute(config, tp, device, dtype, sync)
+    if device.type == "cpu":
+        score_s, per_key = _measure_attention(config, tp, bucket_of(seq_len), device, dtype)
+        step = CPU_STEP_OVERHEAD_S
+    else:
+        score_s, per_key, step = 0.0, 0.0, CUDA_STEP_OVERHEAD_S
+    if tp > 1 and group is not None:
+        latency, per_byte = _measure_link(config, batch, bucket_of(seq_len), device, dtype, group)
+    else:
+        latency, per_byte = 0.0, 1e-15
+    # Slowest rank's figures, identical on every rank: slow = large time, small rate.
+    figures = torch.tensor([1.0 / tflops, 1.0 / bw, score_s, per_key, latency, per_byte],
+                           dtype=torch.float64)
+    if tp > 1 and group is not None:
+        import torch.distributed as dist
+
+        dev_fig = figures.to(device) if device.type == "cuda" else figures
+        dist.all_reduce(dev_fig, op=dist.ReduceOp.MAX, group=group)
+        figures = dev_fig.cpu()
+    inv_tflops, inv_bw, score_s, per_key, latency, per_byte = figures.tolist()
+    busbw = 2 * (tp - 1) / tp / per_byte / 1e9 if tp > 1 else float("inf")
+    cal = Calibration(1.0 / inv_tflops, 1.0 / inv_bw, score_s, per_key, latency * 1e6, busbw, step)
+    _calibrations[key] = cal
+    return cal
+
+
+def plan_for(config, seq_len: int, batch: int, tp: int, max_chunks: int,
+             calibration: Optional[Calibration] = None) -> AutoPlan:
+    """The cached (or new) plan of seq_len's bucket. Collective on first use of a bucket."""
+    from . import costmodel as cm
+
+    cal = calibration or calibrate(config, seq_len, batch, tp)
+    b = bucket_of(seq_len)
+    key = (cal, b, batch, tp, max_chunks, config.num_layers)
+    if key in _plans:
+        return _plans[key]
+    shape = cm.ModelShape.from_megatron_config(config)
+    device, link = cal.device(), cal.link()
+    dtype_bytes = torch.tensor([], dtype=config.params_dtype).element_size()
+    grid = tuple(sorted({64 * 2 ** i for i in range(9)} | {b}))
+    min_tokens = cm.min_tokens_for(shape, device, link, tp, batch, grid=tuple(g for g in grid if g <= max(b, 64)),
+                                   min_gain=MIN_GAIN, max_chunks=max_chunks) if tp > 1 else None
+    plan = cm.best_plan(shape, device, link, tp, b, batch, max_chunks, dtype_bytes)
+    fractions = None
+    if plan.num_chunks > 1 and plan.predicted_ms <= plan.baseline_ms * (1 - MIN_GAIN):
+        fractions = tuple((e - s) / b for s, e in zip(plan.boundaries, plan.boundaries[1:]))
+    result = AutoPlan(b, fractions, plan.predicted_ms, plan.baseline_ms, min_tokens)
+    _plans[key] = result
+    return result
 
 
 def auto_boundaries(config, seq_len: int, batch: int, tp: int, max_chunks: int,
                     cost: TokenCost) -> Optional[List[int]]:
-    """Boundaries for this prefill, or None to run the stock path."""
-    return chunk_boundaries(seq_len, max_chunks, "balanced", cost)
+    """Boundaries for this prefill, or None to run the stock path.
+
+    Called by `transformer.plan_prefill` on every rank of the TP group with the same arguments;
+    the first call of a bucket is collective (calibration), later ones are cache hits.
+    """
+    global last
+    if tp < 2 or max_chunks < 2 or seq_len < 2:
+        return None
+    plan = plan_for(config, seq_len, batch, tp, max_chunks)
+    bounds = None
+    why = "stock: no split predicted to pay"
+    if plan.fractions is not None and (plan.min_tokens is None or seq_len < plan.min_tokens):
+        why = f"stock: prompt shorter than min_tokens={plan.min_tokens}"
+    elif plan.fractions is not None:
+        bounds = chunk_boundaries(seq_len, len(plan.fractions), list(_normalised(plan.fractions)))
+        # the exact length: the plan must still be predicted faster than stock
+        from . import costmodel as cm
+
+        cal = calibrate(config, seq_len, batch, tp)
+        dtype_bytes = torch.tensor([], dtype=config.params_dtype).element_size()
+        p = cm.predict(cm.ModelShape.from_megatron_config(config), cal.device(), cal.link(), tp, seq_len,
+                       batch, boundaries=bounds, dtype_bytes=dtype_bytes)
+        if not p.iso_ms <= p.baseline_ms * (1 - MIN_GAIN) or len(bounds) < 3:
+            bounds, why = None, "stock: split not predicted faster at this length"
+        else:
+            why = f"split predicted {p.iso_ms:.2f} ms vs stock {p.baseline_ms:.2f} ms"
+    last = dict(seq_len=seq_len, bucket=plan.bucket, boundaries=bounds, min_tokens=plan.min_tokens,
+                predicted_ms=plan.predicted_ms, baseline_ms=plan.baseline_ms, why=why)
+    return bounds
+
+
+def _normalised(fractions):
+    total = sum(fractions)
+    return [f / total for f in fractions]

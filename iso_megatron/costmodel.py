@@ -34,6 +34,14 @@ class DeviceProfile:
     matmul_tflops: float  # achievable dense GEMM rate in the model's dtype
     mem_bw_gbs: float     # achievable DRAM bandwidth
     source: str = ""
+    # Unfused attention (megatron's local DotProductAttention: QK^T, mask, softmax and PV over the
+    # whole [queries, keys] rectangle, masked pairs included): seconds per score element of one
+    # head, at key length k: attn_score_s + attn_score_s_per_key * k. 0 and 0 (the default): a
+    # fused causal kernel (flash / TE), a roofline over the causal pairs only.
+    attn_score_s: float = 0.0
+    attn_score_s_per_key: float = 0.0
+    # Fixed cost of one compute step (one layer part of one chunk): launches, Python, syncs.
+    step_overhead_s: float = 0.0
 
     @classmethod
     def from_measurement(cls, name: str, gemm_flops: float, gemm_s: float, mem_bw_gbs: float,
@@ -157,13 +165,18 @@ def chunk_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp:
     heads, groups = model.num_heads / tp, model.num_query_groups / tp
     pairs = (end * (end + 1) - start * (start + 1)) / 2  # causal (query, key) pairs
     core_bytes = batch * (2 * (end - start) * heads + 2 * end * groups) * d * dtype_bytes  # Q,O; K,V
-    core = _roofline(4.0 * d * pairs * heads * batch, core_bytes, device)  # QK^T + PV, flash-style
+    if device.attn_score_s > 0 or device.attn_score_s_per_key > 0:  # unfused: the whole rectangle
+        per_score = max(device.attn_score_s + device.attn_score_s_per_key * end, 0.0)
+        core = per_score * heads * batch * (end - start) * end
+    else:
+        core = _roofline(4.0 * d * pairs * heads * batch, core_bytes, device)  # QK^T + PV, flash-style
     attn = (gemm_time(m, h, (h + 2 * model.kv_hidden) / tp, device, dtype_bytes) + core
             + gemm_time(m, h / tp, h, device, dtype_bytes))
     fc1 = gemm_time(m, h, model.ffn_hidden / tp, device, dtype_bytes)
     mlp = fc1 * (2 if model.gated else 1) + gemm_time(m, model.ffn_hidden / tp, h, device, dtype_bytes)
     ar = allreduce_time(m * h * dtype_bytes, link, tp)
-    return {"attn": PartCost(attn, ar), "mlp": PartCost(mlp, ar)}
+    step = device.step_overhead_s
+    return {"attn": PartCost(attn + step, ar), "mlp": PartCost(mlp + step, ar)}
 
 
 def step_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int,

@@ -48,6 +48,7 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--timing-repeats", type=int, default=5,
                    help="--compare-baseline: median of this many prefills each way")
     g.add_argument("--output-json", metavar="PATH")
+    g.add_argument("--save-logits", metavar="PATH", help="torch.save the prefill logits [s, vocab] of each prompt")
     g.add_argument("--deepspeed", action="store_true", help="wrap the model in DeepSpeed's inference engine")
     g.add_argument("--deepspeed-config", metavar="JSON", help="DeepSpeed inference config (may hold \"iso\")")
 
@@ -81,7 +82,8 @@ def prepare_args(argv=None):
             from iso_megatron.checkpoint import checkpoint_args
 
             try:
-                stored = checkpoint_args(args.load)
+                stored = checkpoint_args(args.load, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                         ckpt_format=args.ckpt_format)
             except (OSError, ValueError) as e:
                 fail(parser, f"--use-checkpoint-args: {e}")
             if not stored:
@@ -254,7 +256,7 @@ def run(args, tokenizer, device, rank: int) -> dict:
     from iso_megatron.generate import generate, time_prefill
 
     mcore = getattr(args, "_mcore_model", None)
-    results = []
+    results, all_logits = [], []
     bar = tqdm(total=len(args.prompt_ids) * args.num_tokens_to_generate, desc="generating",
                disable=rank != 0, file=sys.stderr)
     for ids in args.prompt_ids:
@@ -269,6 +271,7 @@ def run(args, tokenizer, device, rank: int) -> dict:
         if tokenizer is not None:
             rec["generated_text"] = detokenize(tokenizer, gen.generated_token_ids)
         rec["iso_chunk_bounds"] = bounds
+        all_logits.append(gen.prefill_logits.cpu())
         if args.compare_baseline:
             iso_ms, iso_logits = time_prefill(args.model, ids, device, args.timing_repeats)
             apply_iso(mcore, ISOConfig(enabled=False))
@@ -280,6 +283,8 @@ def run(args, tokenizer, device, rank: int) -> dict:
                        max_abs_logit_diff=float((iso_logits - base_logits).abs().max()))
         results.append(rec)
     bar.close()
+    if args.save_logits and rank == 0:
+        torch.save(all_logits, args.save_logits)
     iso = args.iso_config
     return dict(tp=args.tensor_model_parallel_size, device=str(device),
                 iso=dict(enabled=iso.enabled, num_chunks=iso.num_chunks,
