@@ -506,7 +506,7 @@ class Bench:
                        time_reduction=1 - iso_ms / base_ms, peak_mem_ratio=None,
                        baseline_compute_ms=cmed["baseline"], baseline_comm_ms=base_comm_ms,
                        baseline_ideal_ms=max(cmed["baseline"], base_comm_ms),
-                       realized_ratio=base_comm_ms / cmed["baseline"],
+                       realized_ratio=base_comm_ms / cmed["baseline"], link_compute_ms=stock_compute_s * 1e3,
                        baseline_times_ms=[t * 1e3 for t in times["baseline"]],
                        iso_times_ms=[t * 1e3 for t in times[split]],
                        max_rel_err=err, batch=b, device=self.device, link=self.link_mode,
@@ -591,8 +591,9 @@ class Bench:
         records = []
         for s in self.seq_lens():
             fwd = self.inputs(s)
-            stock_compute_s = self.compute_only(fwd, None)
             for profile in profiles:
+                # measured again right before each profile: the link's speed follows from it
+                stock_compute_s = self.compute_only(fwd, None)
                 records += self.run_profile(profile, s, fwd, stock_compute_s)
         self.memory_pass(records)
         if self.rank == 0:

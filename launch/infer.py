@@ -62,6 +62,7 @@ def fail(parser, msg: str):
 
 def prepare_args(argv=None):
     """Parse and check everything that needs no process group: every rank fails alike."""
+    from iso_megatron import ISOConfig
     from iso_megatron import args as margs
 
     argv = sys.argv[1:] if argv is None else argv
@@ -103,6 +104,18 @@ def prepare_args(argv=None):
         args.iso_config = margs.iso_config_from_args(args)
     except ValueError as e:
         fail(parser, str(e))
+    args.ds_config = {}
+    if args.deepspeed_config:
+        try:
+            with open(args.deepspeed_config) as f:
+                args.ds_config = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(parser, f"--deepspeed-config {args.deepspeed_config}: {e}")
+        if "iso" in args.ds_config:  # DeepSpeed's "iso" section is the ISO setting on this path
+            try:
+                args.iso_config = ISOConfig(**args.ds_config["iso"])
+            except (TypeError, ValueError) as e:
+                fail(parser, f"--deepspeed-config \"iso\": {e}")
     tokenizer = None
     if args.tokenizer_type is None and args.prompt_token_ids is None:
         fail(parser, "--tokenizer-type is required for text prompts with --load "
@@ -240,11 +253,7 @@ def build_model(args, device):
     if args.deepspeed:
         from iso_megatron.patches.deepspeed import init_inference_megatron
 
-        ds_config = {}
-        if args.deepspeed_config:
-            with open(args.deepspeed_config) as f:
-                ds_config = json.load(f)
-        model = init_inference_megatron(model, ds_config)
+        model = init_inference_megatron(model, args.ds_config)
     return model
 
 

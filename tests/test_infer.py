@@ -83,3 +83,18 @@ def test_flag_error_exits_every_rank(tmp_path):
     rc, log = run_torchrun(2, ["launch/infer.py", "--num-query-groups", "3"], timeout=120)
     assert rc != 0
     assert "--num-query-groups (3) must be divisible by --tensor-model-parallel-size (2)" in log
+
+
+def test_deepspeed_path_with_iso_key(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"dtype": "fp32", "iso": {"enabled": True, "num_chunks": 3,
+                                                        "split": "even", "min_tokens": 0}}))
+    out = tmp_path / "out.json"
+    rc, log = run_torchrun(2, ["launch/infer.py", "--deepspeed", "--deepspeed-config", str(ds),
+                               "--num-tokens-to-generate", "4", "--compare-baseline",
+                               "--timing-repeats", "1", "--output-json", str(out)], timeout=300)
+    assert rc == 0, log[-3000:]
+    rec = json.loads(out.read_text())
+    assert rec["iso"] == {"enabled": True, "num_chunks": 3, "split": "even", "min_tokens": 0}
+    assert len(rec["iso_chunk_bounds"]) == 4  # 3 chunks ran inside DeepSpeed's engine
+    assert rec["max_abs_logit_diff"] < 1e-4
