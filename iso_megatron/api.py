@@ -77,6 +77,7 @@ def apply_iso(model, iso_config: Optional[ISOConfig] = None):
         for m in model.modules():
             if type(m) in to_stock:
                 m.__class__ = to_stock[type(m)]
+                m.__dict__.pop("in_iso_block", None)
         return model
 
     # Check everything before changing anything: a model is converted whole or not at all.
@@ -93,6 +94,7 @@ def apply_iso(model, iso_config: Optional[ISOConfig] = None):
                       getattr(layer.mlp, "linear_fc2", None)):
                 if type(m) in to_iso:
                     swaps.append((m, to_iso[type(m)]))
+    original = [(m, type(m)) for m, _ in swaps]
     for m, cls in swaps:
         m.__class__ = cls
     try:
@@ -100,10 +102,12 @@ def apply_iso(model, iso_config: Optional[ISOConfig] = None):
             for layer in block.layers:
                 check_layer(layer)
     except ValueError:
-        apply_iso(model, ISOConfig(enabled=False))
+        for m, cls in original:  # as it was before this call
+            m.__class__ = cls
         raise
     for block in blocks:
         block.iso_config = iso_config
         for layer in block.layers:
             layer.iso_config = iso_config
+            layer.in_iso_block = True
     return model

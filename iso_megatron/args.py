@@ -1,8 +1,7 @@
 """Megatron-LM's command-line flags (the subset inference needs), same names and meanings.
 
-megatron-core wheels ship no `megatron.training` argument parser (0.16 on Python 3.11), so the
-launcher parses these names itself; where `megatron.training` is importable, `parse_args` uses
-its parser with our flags added through an extra-args provider instead.
+megatron-core wheels ship no `megatron.training` argument parser, so the launcher parses these
+names itself, with Megatron's defaults and derived values (`complete_args`).
 """
 
 from __future__ import annotations
@@ -138,7 +137,7 @@ def check_args(args, world_size: int) -> List[str]:
     if errors:
         return errors
     tp = args.tensor_model_parallel_size
-    if tp < 1 or world_size % tp or world_size != tp:
+    if tp != world_size:
         errors.append(f"--tensor-model-parallel-size ({tp}) must equal the number of processes "
                       f"({world_size}); run torchrun --nproc-per-node {tp}")
     if args.bf16 and args.fp16:
@@ -153,8 +152,8 @@ def check_args(args, world_size: int) -> List[str]:
     if args.group_query_attention and args.num_attention_heads % groups:
         errors.append(f"--num-attention-heads ({args.num_attention_heads}) must be divisible by "
                       f"--num-query-groups ({groups})")
-    if groups % tp:
-        errors.append(f"--num-query-groups ({groups}) must be divisible by "
+    if groups % tp and tp % groups:
+        errors.append(f"--num-query-groups ({groups}) must be a multiple or divisor of "
                       f"--tensor-model-parallel-size ({tp})")
     if args.padded_vocab_size is not None and args.padded_vocab_size % tp:
         errors.append(f"--padded-vocab-size ({args.padded_vocab_size}) must be divisible by "
@@ -180,28 +179,19 @@ def transformer_config(args):
         qk_layernorm=args.qk_layernorm,
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
         bf16=args.bf16, fp16=args.fp16, use_cpu_initialization=not torch.cuda.is_available(),
-        bias_dropout_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=torch.cuda.is_available(),
+        bias_dropout_fusion=False, apply_rope_fusion=False,
+        masked_softmax_fusion=fused_softmax_available(),
         gradient_accumulation_fusion=False, persist_layer_norm=False)
 
 
-def megatron_training_available() -> bool:
-    try:
-        return importlib.util.find_spec("megatron.training") is not None
-    except (ImportError, ValueError):
-        return False
+def fused_softmax_available() -> bool:
+    """Megatron's fused masked-softmax CUDA kernels come from a separate build (Apex/Megatron-LM)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
 
 
 def parse_args(extra_args_provider, argv: Optional[List[str]] = None, defaults: Optional[dict] = None):
-    """Megatron-LM's own parser plus ours where megatron.training is installed, else ours."""
-    if megatron_training_available():
-        from megatron.training.arguments import parse_args as megatron_parse_args
-
-        def provider(p):
-            add_iso_args(p)
-            extra_args_provider(p)
-            return p
-
-        return megatron_parse_args(extra_args_provider=provider, ignore_unknown_args=False), None
+    """Our parser with Megatron-LM's names. (megatron-core wheels ship no megatron.training, and
+    its parser validates training-only arguments with other defaults, so it is not reused.)"""
     p = argparse.ArgumentParser(prog="launch/infer.py", allow_abbrev=False,
                                 description="ISO prefill + decode of a Megatron-core GPT model")
     add_model_args(p)

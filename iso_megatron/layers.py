@@ -22,8 +22,12 @@ class DeferredReduceMixin:
     def forward(self, input_, *args, **kwargs):
         if not self.defer_reduce:
             return super().forward(input_, *args, **kwargs)
-        # The local GEMM of the stock forward, without the reduce that follows it.
-        return F.linear(input_, self.weight), self.bias
+        # The local GEMM of the stock forward, without the reduce that follows it. TE keeps a
+        # zero-length `bias` when the layer has none; it returns bias only when te_return_bias.
+        bias = self.bias if getattr(self, "te_return_bias", True) else None
+        if bias is not None and bias.numel() == 0:
+            bias = None
+        return F.linear(input_, self.weight), bias
 
 
 class ISORowParallelLinear(DeferredReduceMixin, RowParallelLinear):

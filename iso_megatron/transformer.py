@@ -47,8 +47,8 @@ def check_config(config, tp_size: int) -> None:
     if heads % tp_size:
         raise ValueError(f"num_attention_heads ({heads}) is not divisible by the "
                          f"tensor-parallel size ({tp_size})")
-    if groups % tp_size:
-        raise ValueError(f"num_query_groups ({groups}) is not divisible by the "
+    if groups % tp_size and tp_size % groups:  # megatron replicates K/V heads when tp > groups
+        raise ValueError(f"num_query_groups ({groups}) must be a multiple or divisor of the "
                          f"tensor-parallel size ({tp_size})")
 
 
@@ -88,14 +88,19 @@ def plan_prefill(iso: Optional[ISOConfig], config, training: bool, hidden_states
     if seq_len < max(iso.min_tokens, 2):
         return None
     ctx = args.get("inference_context")
+    if ctx is None and args.get("inference_params") is not None:  # megatron's deprecated alias
+        ctx = args["inference_context"] = args["inference_params"]
     if ctx is not None and not (ctx.is_static_batching() and not ctx.is_decode_only()
                                 and ctx.sequence_len_offset == 0):
         return None  # decode steps, chunked continuation, dynamic batching: stock
     if any(args.get(k) is not None for k in
-           ("packed_seq_params", "attention_bias", "context", "rotary_pos_cos_sin")):
+           ("packed_seq_params", "attention_bias", "context", "rotary_pos_cos", "rotary_pos_sin",
+            "rotary_pos_cos_sin")):
         return None
     if getattr(config, "fp8", None) or getattr(config, "fp4", None):
         return None
+    if getattr(config, "flash_decode", False) or getattr(config, "fused_single_qkv_rope", False):
+        return None  # their static-context branches assume decode (one position's RoPE)
     mask = args.get("attention_mask")
     if mask is not None and tuple(mask.shape[-2:]) != (seq_len, seq_len):
         return None
@@ -114,8 +119,8 @@ def plan_prefill(iso: Optional[ISOConfig], config, training: bool, hidden_states
 
 def chunk_mask(mask, start: int, end: int, device):
     """Mask rows for queries [start, end) against keys [0, end); True = masked."""
-    if mask is not None:
-        return mask[..., start:end, :end]
+    if mask is not None:  # contiguous: fused masked-softmax kernels assume it
+        return mask[..., start:end, :end].contiguous()
     return torch.ones(end - start, end, dtype=torch.bool, device=device).triu(start + 1)[None, None]
 
 
@@ -156,8 +161,8 @@ class MegatronSteps:
 
     Attention for chunk c goes through megatron's static KV-cache path with the cache offset at
     the chunk's first token, and an explicit mask (rows: the chunk's queries, columns: keys
-    0..end). Without a caller's inference context a private one holds the K/V, and each layer's
-    are dropped once its last chunk has attended: one layer's K/V alive at a time.
+    0..end). Without a caller's inference context a private one holds the K/V: one buffer pair,
+    handed on to the next layer once a layer's last chunk has attended.
     """
 
     def __init__(self, layers, bounds, args, batch_size: int, device):
@@ -180,7 +185,11 @@ class MegatronSteps:
         finally:
             self.ctx.sequence_len_offset = 0  # as the caller left it (ISO runs only at offset 0)
         if self.private_kv and c == len(self.masks) - 1:
-            del self.ctx.key_value_memory_dict[layer.layer_number]
+            # this layer's K/V are done with: the next layer overwrites the same buffers chunk
+            # by chunk (it reads only positions its own earlier chunks wrote)
+            kv = self.ctx.key_value_memory_dict.pop(layer.layer_number)
+            if i + 1 < len(self.layers):
+                self.ctx.key_value_memory_dict[self.layers[i + 1].layer_number] = kv
         return out
 
     def mlp(self, i, c, hidden):
@@ -240,8 +249,13 @@ class ISOTransformerLayer(TransformerLayer):
 
     _warned_single = False
 
+    in_iso_block = False  # set by apply_iso: the block has already decided for this forward
+
     def forward(self, *args, **kwargs):
-        bound = _LAYER_FORWARD.bind(self, *args, **kwargs).arguments
+        if self.in_iso_block or not self.iso_config.enabled or self.training:
+            return super().forward(*args, **kwargs)
+        bound = _LAYER_FORWARD.bind(self, *args, **{k: v for k, v in kwargs.items()
+                                                    if k != "dynamic_inference_decode_only"}).arguments
         hidden_states = bound["hidden_states"]
         bounds = plan_prefill(self.iso_config, self.config, self.training, hidden_states, bound)
         if bounds is None:

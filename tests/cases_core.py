@@ -56,12 +56,42 @@ def logits_matrix(family: str, tp: int, seq_lens, batches, chunks, splits):
                     for split in splits:
                         apply_iso(iso, ISOConfig(num_chunks=k, split=split, min_tokens=0))
                         got = iso(ids, pos, causal_mask(s))
-                        out.append(dict(seq=s, batch=b, k=k, split=split, err=rel_err(got, ref)))
+                        out.append(dict(seq=s, batch=b, k=k, split=split, err=rel_err(got, ref),
+                                        bounds=iso.decoder.last_bounds))
+    return out
+
+
+def variants(family: str, tp: int):
+    """bf16 weights, and a per-sample [b, 1, s, s] mask with left padding, against stock."""
+    from iso_megatron import ISOConfig, apply_iso, causal_mask
+
+    setup(tp)
+    out = {}
+    with torch.no_grad():
+        s, b = 67, 2
+        ids = torch.randint(0, 256, (b, s), generator=torch.Generator().manual_seed(3))
+        pos = torch.arange(s)[None].expand(b, s)
+        stock, iso = build_pair(family, tp)
+        mask = causal_mask(s).repeat(b, 1, 1, 1)
+        mask[1, :, :, :5] = True  # sample 1: 5 padding tokens on the left
+        apply_iso(iso, ISOConfig(num_chunks=3, min_tokens=0))
+        got, ref = iso(ids, pos, mask), stock(ids, pos, mask)
+        # Padding queries see no key at all: stock's softmax then averages over every key of
+        # the whole sequence (future ones too), a chunk over its own keys. Both are meaningless
+        # and ignored by callers; every real position must agree.
+        real = torch.ones(b, s, dtype=torch.bool)
+        real[1, :5] = False
+        out["per_sample_mask"] = dict(err=rel_err(got[real], ref[real]), bounds=iso.decoder.last_bounds)
+        stock, iso = (m.bfloat16() for m in build_pair(family, tp))
+        apply_iso(iso, ISOConfig(num_chunks=2, min_tokens=0))
+        got, ref = iso(ids, pos, causal_mask(s)), stock(ids, pos, causal_mask(s))
+        out["bf16"] = dict(err=rel_err(got.float(), ref.float()), dtype=str(got.dtype),
+                           bounds=iso.decoder.last_bounds)
     return out
 
 
 def greedy(model, ids, steps: int, max_len: int):
-    """Megatron static-context prefill + greedy decode; returns (tokens, ctx, prefill logits)."""
+    """Static-context prefill + greedy decode: (tokens, KV cache after prefill, logits, chunks)."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
     from iso_megatron import causal_mask
@@ -72,6 +102,7 @@ def greedy(model, ids, steps: int, max_len: int):
     logits = model(ids, torch.arange(s)[None].expand(b, s), full[..., :s, :s], inference_context=ctx,
                    runtime_gather_output=True)
     prefill = logits
+    bounds = getattr(model.decoder, "last_bounds", None)  # chunks of this prefill (None: stock)
     # positions >= s are unwritten (torch.empty) until decode writes them
     kv = {k: (v[0][:s].clone(), v[1][:s].clone()) for k, v in ctx.key_value_memory_dict.items()}
     tokens = []
@@ -83,7 +114,7 @@ def greedy(model, ids, steps: int, max_len: int):
         p = s + i
         logits = model(nxt, torch.full((b, 1), p), full[..., p:p + 1, :p + 1], inference_context=ctx,
                    runtime_gather_output=True)
-    return torch.cat(tokens, 1), kv, prefill
+    return torch.cat(tokens, 1), kv, prefill, bounds
 
 
 def kv_and_decode(family: str, tp: int, seq_lens, batches, chunks):
@@ -97,12 +128,13 @@ def kv_and_decode(family: str, tp: int, seq_lens, batches, chunks):
         for s in seq_lens:
             for b in batches:
                 ids = torch.randint(0, 256, (b, s), generator=torch.Generator().manual_seed(s + b))
-                ref_tok, ref_kv, ref_logits = greedy(stock, ids, 8, s + 8)
+                ref_tok, ref_kv, ref_logits, _ = greedy(stock, ids, 8, s + 8)
                 for k in chunks:
                     apply_iso(iso, ISOConfig(num_chunks=k, min_tokens=0))
-                    tok, kv, logits = greedy(iso, ids, 8, s + 8)
+                    tok, kv, logits, bounds = greedy(iso, ids, 8, s + 8)
                     kv_err = max(max(rel_err(kv[l][i], ref_kv[l][i]) for i in (0, 1)) for l in ref_kv)
                     out.append(dict(seq=s, batch=b, k=k, same_layers=sorted(kv) == sorted(ref_kv),
+                                    bounds=bounds,
                                     kv_err=kv_err, logit_err=rel_err(logits, ref_logits),
                                     tokens=tok.tolist(), ref_tokens=ref_tok.tolist()))
     return out
@@ -178,7 +210,8 @@ def bad_inputs(tp: int):
         "attention_backend": lambda: build_gpt(model_config("llama"), custom_attention_spec()),
         "heads": lambda: build_gpt(model_config("llama", num_attention_heads=6, num_query_groups=6,
                                                 hidden_size=48), get_gpt_layer_iso_spec()),
-        "query_groups": lambda: build_gpt(model_config("llama", num_query_groups=2),
+        "query_groups": lambda: build_gpt(model_config("llama", num_attention_heads=12,
+                                                       num_query_groups=3, hidden_size=96),
                                           get_gpt_layer_iso_spec()),
         # a config that does not state the TP size: ISO's own check, before megatron asserts
         "heads_config_unaware": lambda: build_gpt(model_config(

@@ -52,12 +52,12 @@ def run_ranks(world_size: int, target: str, *args, timeout: float = 300, env=Non
         port = _free_port()
         procs = []
         for rank in range(world_size):
-            rank_env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank),
-                            WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                            LOCAL_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-                            MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                            PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-                            **(env or {}))
+            rank_env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                        "WORLD_SIZE": str(world_size), "LOCAL_WORLD_SIZE": str(world_size),
+                        "LOCAL_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+                        **(env or {})}
             log = open(os.path.join(tmp, f"rank{rank}.log"), "wb")
             procs.append(subprocess.Popen([sys.executable, "-m", "tests.harness", tmp], cwd=ROOT,
                                           env=rank_env, stdout=log, stderr=subprocess.STDOUT,
@@ -119,7 +119,7 @@ def run_torchrun(nproc: int, argv, timeout: float = 300, env=None):
     Returns (returncode, combined output)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port())] + list(argv)
-    run_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:

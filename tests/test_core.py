@@ -30,6 +30,9 @@ def test_logits_match_stock(logits_group):
     assert len(cases) == tp * len(SEQ_LENS) * len(BATCHES) * len(CHUNKS) * len(SPLITS)
     bad = [c for c in cases if not c["err"] <= TOL]
     assert not bad, f"{family} tp{tp}: {len(bad)} cases over {TOL}: {bad[:5]}"
+    for c in cases:  # ISO really ran (min(K, s) chunks) wherever it can: TP >= 2, s >= 2
+        want = min(c["k"], c["seq"]) + 1 if tp > 1 and c["seq"] > 1 else None
+        assert (None if c["bounds"] is None else len(c["bounds"])) == want, c
     worst = max(c["err"] for c in cases)
     print(f"\n{family} tp{tp}: largest logit relative error {worst:.3g} over {len(cases)} rank-cases")
 
@@ -42,6 +45,7 @@ def test_kv_cache_and_greedy_decode_match_stock(family):
         assert len(cases) == 12
         for c in cases:
             assert c["same_layers"], c
+            assert len(c["bounds"]) == c["k"] + 1, c  # the prefill ran ISO
             assert c["kv_err"] <= TOL, c
             assert c["logit_err"] <= TOL, c
             assert c["tokens"] == c["ref_tokens"], c
@@ -117,7 +121,7 @@ def test_bad_inputs_raise_clear_errors_on_every_rank(tp):
         "attention_backend": "unsupported attention backend MyAttention",
         # megatron's TransformerConfig or ISO's own check, whichever sees it first
         "heads": "num_attention_heads (6)",
-        "query_groups": "num_query_groups (2)",
+        "query_groups": "num_query_groups (3)",
         "heads_config_unaware": "num_attention_heads (6) is not divisible by the tensor-parallel size (4)",
         "num_chunks": "num_chunks must be >= 1",
         "fractions": "must sum to 1",
@@ -125,8 +129,7 @@ def test_bad_inputs_raise_clear_errors_on_every_rank(tp):
         "split_name": "split must be 'even', 'balanced'",
         "apply_iso_target": "no megatron-core TransformerBlock",
     }
-    if tp == 2:  # 2 query groups divide evenly at TP 2, 6 heads too
-        expected.pop("query_groups")
+    if tp == 2:  # 6 heads divide evenly at TP 2
         expected.pop("heads")
         expected.pop("heads_config_unaware")
     results = run_ranks(tp, "tests.cases_core:bad_inputs", tp, timeout=300)
@@ -144,6 +147,14 @@ def test_steps_aside_where_iso_cannot_help(family):
             assert rank[name] == dict(equal=True, async_reduces=0), (name, rank[name])
         assert rank["iso_control"]["equal"] and rank["iso_control"]["async_reduces"] == 8
         assert rank["stock_classes"]
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_bf16_and_per_sample_masks(family):
+    for rank in run_ranks(2, "tests.cases_core:variants", family, 2, timeout=300):
+        assert rank["per_sample_mask"]["err"] <= TOL and len(rank["per_sample_mask"]["bounds"]) == 4
+        assert rank["bf16"]["dtype"] == "torch.bfloat16" and len(rank["bf16"]["bounds"]) == 3
+        assert rank["bf16"]["err"] <= 2e-2, rank["bf16"]  # bf16 rounding of differently sized GEMMs
 
 
 def test_spec_built_model_without_apply_iso():

@@ -57,7 +57,8 @@ def _prepare(argv, world=1, monkeypatch=None):
 @pytest.mark.parametrize("argv,world,message", [
     (["--tensor-model-parallel-size", "3"], 2, "--tensor-model-parallel-size (3) must equal the number of processes (2)"),
     (["--num-attention-heads", "6", "--hidden-size", "96"], 4, "--num-attention-heads (6) must be divisible by --tensor-model-parallel-size (4)"),
-    (["--num-query-groups", "2"], 4, "--num-query-groups (2) must be divisible by --tensor-model-parallel-size (4)"),
+    (["--num-attention-heads", "12", "--num-query-groups", "3", "--hidden-size", "96"], 4,
+     "--num-query-groups (3) must be a multiple or divisor of --tensor-model-parallel-size (4)"),
     (["--bf16", "--fp16"], 1, "mutually exclusive"),
     (["--iso-chunks", "0"], 1, "num_chunks must be >= 1"),
     (["--iso-split", "0.5,0.6"], 1, "sum to 1"),
@@ -82,7 +83,7 @@ def test_flag_error_exits_every_rank(tmp_path):
     # torchrun stops the other rank once one fails; returning at all (no timeout) is the point
     rc, log = run_torchrun(2, ["launch/infer.py", "--num-query-groups", "3"], timeout=120)
     assert rc != 0
-    assert "--num-query-groups (3) must be divisible by --tensor-model-parallel-size (2)" in log
+    assert "--num-query-groups (3) must be a multiple or divisor of --tensor-model-parallel-size (2)" in log
 
 
 def test_deepspeed_path_with_iso_key(tmp_path):
