@@ -87,7 +87,8 @@ def add_iso_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-iso", dest="iso", action="store_false")
     g.add_argument("--iso-chunks", type=int, default=2)
     g.add_argument("--iso-split", default="balanced", help="even | balanced | auto | f1,f2,...")
-    g.add_argument("--iso-min-tokens", type=int, default=DEFAULT_MIN_TOKENS)
+    g.add_argument("--iso-min-tokens", type=int, default=None,
+                   help=f"prompts shorter run stock (default {DEFAULT_MIN_TOKENS}; auto: chosen by the cost model)")
 
 
 def iso_config_from_args(args) -> ISOConfig:

@@ -4,10 +4,13 @@ At the first ISO prefill of a prompt-length bucket, every rank of the tensor-par
 measures, on its own device and through the reducer ISO will really use (`comm.make_reducer`,
 so an emulated link is measured as such):
   - one GEMM of the model's MLP shape (matmul rate) and one large copy (memory bandwidth);
-  - on CPU only, megatron's unfused attention core (baddbmm, mask, softmax, bmm) at key lengths
-    bucket/2 and bucket: the local DotProductAttention computes the whole [queries, keys]
-    rectangle, which a causal-pair roofline would badly underestimate (on CUDA the fused
-    kernels' causal roofline is kept);
+  - on CPU only, megatron's unfused attention core (baddbmm, mask, softmax, bmm) on the
+    rectangles of this bucket's prefill (half x half, half x whole, whole x whole; rows at most
+    2048): the local DotProductAttention computes the whole [queries, keys] rectangle, which a
+    causal-pair roofline underestimates ~2x on CPU, and its cost per score grows once a head's
+    scores spill out of cache (measured, 4 heads: 3.8 ns at 256x512, 4-6 ns at 1024x1024,
+    7-8 ns at 1024x2048); the cost model interpolates this table. On CUDA the fused kernels'
+    causal roofline is kept;
   - two all-reduces (a small and a large one): link latency and bus bandwidth.
 The ranks' figures are combined with an all-reduce MAX over the TP group (max is exact, so every
 rank holds bit-identical inputs) and every rank then runs the same deterministic search,
@@ -31,6 +34,11 @@ import torch
 from .split import TokenCost, chunk_boundaries
 
 MIN_GAIN = 0.02          # predicted saving a plan must reach (covers what the model leaves out)
+# A searched plan replaces the plain two-chunk split (even or balanced, whichever is predicted
+# faster) only when predicted faster by this share of the baseline: below that the gain is within
+# the model's error (measured on CPU: a small first chunk that shortens the pipeline's fill by
+# 0.3% of the baseline, as predicted, ran 0.7-2.6% slower than even, link-bound).
+SEARCH_MARGIN = 0.005
 CPU_STEP_OVERHEAD_S = 4e-4  # per layer part per chunk on CPU (megatron module calls; measured)
 CUDA_STEP_OVERHEAD_S = 5e-5  # per layer part per chunk on CUDA (a few kernel launches)
 _SMALL_TOKENS = 16
@@ -39,8 +47,7 @@ _SMALL_TOKENS = 16
 class Calibration(NamedTuple):
     gemm_tflops: float
     mem_bw_gbs: float
-    attn_score_s: float
-    attn_score_s_per_key: float
+    attn_score_table: tuple  # ((scores per head, seconds per score), ...); () on CUDA (fused)
     latency_us: float
     bus_bw_gbs: float
     step_overhead_s: float
@@ -49,7 +56,7 @@ class Calibration(NamedTuple):
         from .costmodel import DeviceProfile
 
         return DeviceProfile("calibrated", self.gemm_tflops, self.mem_bw_gbs, "measured at first use",
-                             self.attn_score_s, self.attn_score_s_per_key, self.step_overhead_s)
+                             step_overhead_s=self.step_overhead_s, attn_score_table=self.attn_score_table)
 
     def link(self):
         from .costmodel import LinkProfile
@@ -125,12 +132,14 @@ def _measure_compute(config, tp, device, dtype, sync):
 
 
 def _measure_attention(config, tp, seq_len, device, dtype):
-    """Seconds per score element of one head for the unfused core at keys = seq_len/2, seq_len."""
+    """((scores per head, seconds per score), ...) of the unfused core on the rectangles a
+    prefill of seq_len meets: a half chunk, the last chunk of two, the whole square."""
     heads = max(1, config.num_attention_heads // tp)
     d = config.kv_channels or config.hidden_size // config.num_attention_heads
-    points = []
-    for keys in (max(seq_len // 2, 16), max(seq_len, 32)):
-        rows = min(keys, 256)
+    half = max(seq_len // 2, 8)
+    shapes = dict.fromkeys([(half, half), (min(half, 2048), seq_len), (min(seq_len, 2048), seq_len)])
+    table = []
+    for rows, keys in shapes:
         q = torch.randn(heads, rows, d, device=device, dtype=dtype)
         k = torch.randn(heads, d, keys, device=device, dtype=dtype)
         v = torch.randn(heads, keys, d, device=device, dtype=dtype)
@@ -142,11 +151,13 @@ def _measure_attention(config, tp, seq_len, device, dtype):
             s.masked_fill_(mask, -10000.0)
             return torch.bmm(torch.softmax(s, -1), v)
 
-        points.append((keys, _timed(core, reps=3) / (heads * rows * keys)))
-    (k1, t1), (k2, t2) = points
-    slope = (t2 - t1) / (k2 - k1) if k2 > k1 else 0.0
-    slope = max(slope, 0.0)
-    return max(t2 - slope * k2, 0.0), slope
+        table.append((float(rows * keys), _timed(core, reps=2) / (heads * rows * keys)))
+    table.sort()
+    # a larger score matrix never costs less per score (it only spills further out of cache):
+    # a running max removes the noise of a busy machine from the table
+    for i in range(1, len(table)):
+        table[i] = (table[i][0], max(table[i][1], table[i - 1][1]))
+    return tuple(table)
 
 
 def _measure_link(config, batch, seq_len, device, dtype, group):
@@ -181,16 +192,16 @@ def calibrate(config, seq_len: int, batch: int, tp: int) -> Calibration:
         return _calibrations[key]
     tflops, bw = _measure_compute(config, tp, device, dtype, sync)
     if device.type == "cpu":
-        score_s, per_key = _measure_attention(config, tp, bucket_of(seq_len), device, dtype)
+        table = _measure_attention(config, tp, bucket_of(seq_len), device, dtype)
         step = CPU_STEP_OVERHEAD_S
     else:
-        score_s, per_key, step = 0.0, 0.0, CUDA_STEP_OVERHEAD_S
+        table, step = (), CUDA_STEP_OVERHEAD_S
     if tp > 1 and group is not None:
         latency, per_byte = _measure_link(config, batch, bucket_of(seq_len), device, dtype, group)
     else:
         latency, per_byte = 0.0, 1e-15
     # Slowest rank's figures, identical on every rank: slow = large time, small rate.
-    figures = torch.tensor([1.0 / tflops, 1.0 / bw, score_s, per_key, latency, per_byte],
+    figures = torch.tensor([1.0 / tflops, 1.0 / bw, latency, per_byte] + [t for _, t in table],
                            dtype=torch.float64)
     if tp > 1 and group is not None:
         import torch.distributed as dist
@@ -198,9 +209,10 @@ def calibrate(config, seq_len: int, batch: int, tp: int) -> Calibration:
         dev_fig = figures.to(device) if device.type == "cuda" else figures
         dist.all_reduce(dev_fig, op=dist.ReduceOp.MAX, group=group)
         figures = dev_fig.cpu()
-    inv_tflops, inv_bw, score_s, per_key, latency, per_byte = figures.tolist()
+    inv_tflops, inv_bw, latency, per_byte, *score_s = figures.tolist()
+    table = tuple((n, t) for (n, _), t in zip(table, score_s))
     busbw = 2 * (tp - 1) / tp / per_byte / 1e9 if tp > 1 else float("inf")
-    cal = Calibration(1.0 / inv_tflops, 1.0 / inv_bw, score_s, per_key, latency * 1e6, busbw, step)
+    cal = Calibration(1.0 / inv_tflops, 1.0 / inv_bw, table, latency * 1e6, busbw, step)
     _calibrations[key] = cal
     return cal
 
@@ -222,6 +234,12 @@ def plan_for(config, seq_len: int, batch: int, tp: int, max_chunks: int,
     min_tokens = cm.min_tokens_for(shape, device, link, tp, batch, grid=tuple(g for g in grid if g <= max(b, 64)),
                                    min_gain=MIN_GAIN, max_chunks=max_chunks) if tp > 1 else None
     plan = cm.best_plan(shape, device, link, tp, b, batch, max_chunks, dtype_bytes)
+    if plan.num_chunks > 1:
+        simple = min([(cm.predict(shape, device, link, tp, b, batch, num_chunks=2, split=sp, dtype_bytes=dtype_bytes),
+                       sp) for sp in ("even", "balanced")], key=lambda x: x[0].iso_ms)
+        if plan.predicted_ms > simple[0].iso_ms - SEARCH_MARGIN * plan.baseline_ms:
+            bounds = chunk_boundaries(b, 2, simple[1], cm.token_cost(shape))
+            plan = cm.Plan(2, bounds, simple[0].iso_ms, plan.baseline_ms)
     fractions = None
     if plan.num_chunks > 1 and plan.predicted_ms <= plan.baseline_ms * (1 - MIN_GAIN):
         fractions = tuple((e - s) / b for s, e in zip(plan.boundaries, plan.boundaries[1:]))

@@ -21,13 +21,14 @@ class ISOConfig:
     num_chunks: chunks the prompt is split into (>= 1; 1 disables the split). Default: the
         number of explicit fractions, else 2 (the usual optimum, see the design brief).
     split: "even", "balanced" (equal compute per chunk), "auto" (cost model), or fractions.
-    min_tokens: prompts with fewer tokens run the stock path.
+    min_tokens: prompts with fewer tokens run the stock path. Default: DEFAULT_MIN_TOKENS for
+        fixed splits; with split="auto" the cost model chooses the threshold itself.
     enabled: False restores stock behaviour everywhere.
     """
 
     num_chunks: Optional[int] = None
     split: Union[str, Sequence[float]] = "balanced"
-    min_tokens: int = DEFAULT_MIN_TOKENS
+    min_tokens: Optional[int] = None
     enabled: bool = True
 
     def __post_init__(self):
@@ -48,6 +49,8 @@ class ISOConfig:
         if not isinstance(self.split, str) and len(self.split) != self.num_chunks:
             raise ValueError(
                 f"ISOConfig.split has {len(self.split)} fractions but num_chunks is {self.num_chunks}")
+        if self.min_tokens is None:
+            self.min_tokens = 0 if self.split == "auto" else DEFAULT_MIN_TOKENS
         if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             raise ValueError(f"ISOConfig.min_tokens must be an int >= 0, got {self.min_tokens!r}")
         if not isinstance(self.enabled, bool):

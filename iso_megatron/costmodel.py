@@ -40,6 +40,10 @@ class DeviceProfile:
     # fused causal kernel (flash / TE), a roofline over the causal pairs only.
     attn_score_s: float = 0.0
     attn_score_s_per_key: float = 0.0
+    # Measured instead: ((scores per head, i.e. queries x keys, seconds per score), ...) rising;
+    # interpolated in log(scores) and clamped at the ends. The cost per score grows once a head's
+    # score matrix spills out of cache. Wins over the two fields above when given.
+    attn_score_table: Tuple[Tuple[float, float], ...] = ()
     # Fixed cost of one compute step (one layer part of one chunk): launches, Python, syncs.
     step_overhead_s: float = 0.0
 
@@ -158,6 +162,25 @@ def allreduce_time(nbytes: float, link: LinkProfile, tp: int) -> float:
     return link.latency_us * 1e-6 + nbytes * 2 * (tp - 1) / tp / (link.bus_bw_gbs * 1e9)
 
 
+def score_seconds(table: Sequence[Tuple[float, float]], scores: float) -> float:
+    """Seconds per attention score for a head's score matrix of `scores` entries (see
+    DeviceProfile.attn_score_table): log-linear interpolation, clamped at both ends."""
+    import math
+
+    pts = sorted(table)
+    if scores <= pts[0][0]:
+        return pts[0][1]
+    if scores >= pts[-1][0]:
+        return pts[-1][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= scores <= x1:
+            if x1 == x0:
+                return y1
+            w = (math.log(scores) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + w * (y1 - y0)
+    return pts[-1][1]
+
+
 def chunk_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int, start: int,
                 end: int, batch: int = 1, dtype_bytes: int = 2) -> Dict[str, PartCost]:
     """Per-layer, per-rank cost of the chunk [start, end): {"attn": PartCost, "mlp": PartCost}."""
@@ -165,7 +188,9 @@ def chunk_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp:
     heads, groups = model.num_heads / tp, model.num_query_groups / tp
     pairs = (end * (end + 1) - start * (start + 1)) / 2  # causal (query, key) pairs
     core_bytes = batch * (2 * (end - start) * heads + 2 * end * groups) * d * dtype_bytes  # Q,O; K,V
-    if device.attn_score_s > 0 or device.attn_score_s_per_key > 0:  # unfused: the whole rectangle
+    if device.attn_score_table:  # unfused, measured: the whole rectangle
+        core = score_seconds(device.attn_score_table, (end - start) * end) * heads * batch * (end - start) * end
+    elif device.attn_score_s > 0 or device.attn_score_s_per_key > 0:  # unfused: the whole rectangle
         per_score = max(device.attn_score_s + device.attn_score_s_per_key * end, 0.0)
         core = per_score * heads * batch * (end - start) * end
     else:

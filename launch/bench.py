@@ -17,13 +17,14 @@ Links (`--link`):
             between GPUs without P2P (RTX 4090). Measures real compute/copy concurrency.
             Default for `--device cuda` with one process.
 
+    python launch/bench.py --summarize docs/bench_cpu_emulated.json   # the JSON as a markdown table
+
 Per setting: a compute-only pass (communication skipped) gives compute_ms; then warm-up and
 `--reps` timed prefills (max over ranks per repetition, median over repetitions). Timed is the
 decoder plus the output layer (`GPTModel.forward` with `decoder_input`, embedding skipped: its
-all-reduce is the same with and without ISO and cannot overlap). Peak memory: CUDA: the
-allocator's max_memory_allocated; CPU: the process's peak RSS above its RSS before the prefill
-(/proc VmHWM, reset through /proc/self/clear_refs) with glibc's mmap threshold fixed at 64 KiB
-so that freed tensors go back to the OS at once (tracemalloc does not see torch's allocator).
+all-reduce is the same with and without ISO and cannot overlap). Peak memory (`PeakMemory`):
+bytes allocated by the prefill above what was alive before it, from CUDA's allocator stats or,
+on CPU, from torch's CPU allocator through the profiler; measured after all timed runs.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--link", choices=("emulated", "real", "proxy"), default=None,
                    help="default: emulated on CPU, proxy on one GPU, real on several GPUs")
-    p.add_argument("--real", choices=("lazy", "eager"), default="lazy",
+    p.add_argument("--real", choices=("shm", "lazy", "eager"), default="shm",
                    help="emulated link: where the real all-reduce runs (see iso_megatron.emulated)")
     p.add_argument("--family", choices=("llama", "gpt"), default="llama")
     p.add_argument("--num-layers", type=int, default=8)
@@ -102,29 +103,18 @@ def init_distributed(device: str):
     return dist.get_rank(), dist.get_world_size()
 
 
-def fix_malloc_for_rss() -> bool:
-    """glibc: every allocation >= 64 KiB is its own mmap, returned to the OS on free."""
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16) == 1  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
-
-
 class PeakMemory:
-    """Peak bytes above the level at entry: CUDA allocator stats, or /proc RSS high-water mark."""
+    """Peak bytes allocated above the level at entry (tensors alive before do not count).
+
+    CUDA: the caching allocator's max_memory_allocated. CPU: torch's CPU allocator reports every
+    allocation and free to the profiler (`profile_memory=True`); the running sum of each op's
+    own (self) allocations and of the frees between ops, in time order, peaks at the answer
+    (to the op: a temporary allocated and freed inside one op counts at its net size).
+    tracemalloc does not see torch's allocator, and RSS keeps freed heap memory.
+    """
 
     def __init__(self, device: str):
         self.device, self.peak = device, None
-
-    @staticmethod
-    def _status(field):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-        return None
 
     def __enter__(self):
         if self.device == "cuda":
@@ -132,20 +122,25 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.start = self._status("VmRSS")
-            except OSError:
-                self.start = None
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self.device == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.start
-        elif self.start is not None:
-            self.peak = self._status("VmHWM") - self.start
+            return False
+        self.prof.__exit__(*exc)
+        events = sorted(((e.time_range.start, e.self_cpu_memory_usage) for e in self.prof.events()
+                         if e.self_cpu_memory_usage), key=lambda x: x[0])
+        cur = peak = 0
+        for _, nbytes in events:
+            cur += nbytes
+            peak = max(peak, cur)
+        self.peak = peak
         return False
 
 
@@ -257,8 +252,8 @@ class Bench:
             raise SystemExit("--link emulated is CPU only (its hold is a host-side sleep)")
         if self.link_mode == "proxy" and world != 1:
             raise SystemExit("--link proxy runs on one process (it stands in for the TP group)")
-        if self.link_mode != "proxy" and world < 2:
-            raise SystemExit(f"--link {self.link_mode} needs >= 2 ranks (torchrun --nproc-per-node N)")
+        if self.link_mode == "real" and world < 2:
+            raise SystemExit("--link real needs >= 2 ranks (torchrun --nproc-per-node N)")
         self.tp = world if self.link_mode != "proxy" else 2
         dtype = args.dtype or ("fp32" if self.device == "cpu" else "bf16")
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -408,6 +403,8 @@ class Bench:
         from iso_megatron.split import TokenCost, chunk_boundaries
 
         c = self.config
+        if self.tp < 2:
+            return None  # TP 1: ISO steps aside (nothing to overlap), as plan_prefill does
         if split == "auto":
             return autosplit.last["boundaries"] if autosplit.last else None
         cost = TokenCost.from_dims(c.hidden_size, c.ffn_hidden_size,
@@ -427,12 +424,14 @@ class Bench:
         return min(times[self.args.warmup:])
 
     def make_link(self, profile, s, stock_compute_s):
-        from iso_megatron.emulated import EmulatedLink, link_for_profile
+        from iso_megatron.emulated import EmulatedLink, LinkModel, link_for_profile
 
         a = self.args
+        if self.link_mode == "emulated" and self.tp < 2:
+            return EmulatedLink(LinkModel(), real=a.real), LinkModel()  # TP 1: no all-reduce at all
         if self.link_mode == "emulated":
             model = link_for_profile(profile, s, a.batch, stock_compute_s, a.num_layers, a.hidden_size, self.esize)
-            return EmulatedLink(model, real=a.real), model
+            return EmulatedLink(model, real=a.real, max_bytes=s * a.batch * a.hidden_size * self.esize), model
         if self.link_mode == "proxy":
             return ProxyLink(self.device), None
         return None, None
@@ -502,7 +501,7 @@ class Bench:
                        seq_len=s, tp=self.tp, split=split, num_chunks=k, boundaries=bd,
                        baseline_ms=base_ms, iso_ms=iso_ms, compute_ms=compute_ms, comm_ms=comm_ms,
                        ideal_ms=ideal_ms,
-                       hidden_fraction=(base_ms - iso_ms) / gap if gap > 1e-9 else None,
+                       hidden_fraction=(base_ms - iso_ms) / gap if gap > 0.01 * base_ms else None,
                        time_reduction=1 - iso_ms / base_ms, peak_mem_ratio=None,
                        baseline_compute_ms=cmed["baseline"], baseline_comm_ms=base_comm_ms,
                        baseline_ideal_ms=max(cmed["baseline"], base_comm_ms),
@@ -512,6 +511,7 @@ class Bench:
                        max_rel_err=err, batch=b, device=self.device, link=self.link_mode,
                        dtype=str(self.dtype).replace("torch.", ""), reps=a.reps)
             rec.update(self.model_prediction(s, bd, link_model, cal, base_ms, iso_ms))
+            add_overlap_fields(rec)
             if link_model is not None:
                 from iso_megatron.emulated import profile_ratio
 
@@ -558,11 +558,10 @@ class Bench:
         after all timing (the malloc setting it needs would slow the timed runs)."""
         if self.args.no_memory:
             return
-        if self.device == "cpu":
-            fix_malloc_for_rss()
         from iso_megatron.emulated import EmulatedLink
 
-        link = EmulatedLink(real=self.args.real) if self.link_mode == "emulated" else \
+        link = EmulatedLink(real=self.args.real, max_bytes=max(self.seq_lens()) * self.args.batch
+                            * self.args.hidden_size * self.esize) if self.link_mode == "emulated" else \
             ProxyLink(self.device) if self.link_mode == "proxy" else None
         drain = getattr(link, "drain", None)
         tp_ctx = (lambda: pretend_tp(2)) if self.link_mode == "proxy" else nullcontext
@@ -575,7 +574,7 @@ class Bench:
                 with self.comm_context(link), tp_ctx():
                     with torch.no_grad():
                         fwd()
-                    peaks = [self.peak(fwd, drain) for _ in range(2)]
+                    peaks = [self.peak(fwd, drain)]
                 cache[(s, bd)] = self.max_over_ranks([min(peaks)])[0]
         for r in records:
             base = cache[(r["seq_len"], None)]
@@ -604,6 +603,25 @@ class Bench:
 
 
 # ---------------------------------------------------------------- output
+
+def add_overlap_fields(rec):
+    """Overlap quality on the ISO chunks themselves, apart from any change of compute.
+
+    On CPU megatron's local attention computes the whole masked [queries, keys] square, and a
+    chunk computes only its rows against the keys before it, so ISO's compute (compute_ms) is
+    smaller than stock's (baseline_compute_ms) at long prompts, a saving fused causal kernels on
+    GPUs do not have. These fields compare ISO with its own chunks run one after another:
+      sequential_ms            compute_ms + comm_ms
+      overlap_reduction        1 - iso / sequential
+      chunk_hidden_fraction    (sequential - iso) / min(compute_ms, comm_ms)
+    """
+    seq = rec["compute_ms"] + rec["comm_ms"]
+    hidden = min(rec["compute_ms"], rec["comm_ms"])
+    rec.update(sequential_ms=seq, overlap_reduction=1 - rec["iso_ms"] / seq if seq > 0 else None,
+               chunk_hidden_fraction=(seq - rec["iso_ms"]) / hidden
+               if rec["num_chunks"] > 1 and hidden > 0.01 * seq else None)
+    return rec
+
 
 def plot(records, path):
     try:
@@ -650,7 +668,28 @@ def plot(records, path):
     return True
 
 
+def summarize(records) -> str:
+    """Markdown table of a bench JSON: per profile, prompt length and split."""
+    rows = ["| profile | prompt | split | K | baseline ms | ISO ms | ideal ms | C ms (stock) | M ms | hidden "
+            "fraction | time reduction | overlap-only reduction | peak mem ratio | model error |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)
+    for r in records:
+        if "overlap_reduction" not in r:
+            add_overlap_fields(r)
+        rows.append(f"| {r['profile']} | {r['seq_len']} | {r['split']} | {r['num_chunks']} | {r['baseline_ms']:.1f} | "
+                    f"{r['iso_ms']:.1f} | {r['ideal_ms']:.1f} | {r['compute_ms']:.1f} ({r['baseline_compute_ms']:.1f}) | "
+                    f"{r['comm_ms']:.1f} | {f(r['hidden_fraction'], '.3f')} | {r['time_reduction']:+.1%} | "
+                    f"{f(r['overlap_reduction'], '+.1%')} | {f(r['peak_mem_ratio'], '.2f')} | "
+                    f"{r['model_error']:+.1%} |")
+    return "\n".join(rows)
+
+
 def main(argv=None):
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--summarize":
+        with open(sys.argv[2]) as f:
+            print(summarize(json.load(f)))
+        return
     args = parse_args(argv)
     rank, world = init_distributed(args.device)
     if args.device == "cpu":

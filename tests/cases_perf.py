@@ -19,7 +19,7 @@ def _link_cases():
 
     rank = dist.get_rank()
     out = {}
-    for real in ("lazy", "eager"):
+    for real in ("shm", "lazy", "eager"):
         link = EmulatedLink(LinkModel(0.0, 0.0), real=real, record=True)
         reducer = link(None)
         x = torch.arange(1000, dtype=torch.float32) * (rank + 1)
@@ -28,10 +28,23 @@ def _link_cases():
         h.wait()
         h.wait()  # idempotent
         out[f"sum_{real}"] = bool(torch.equal(x, want))
+    # shm ring: many transfers in flight, waited out of order, sizes up to the slot size
+    link = EmulatedLink(LinkModel(0.0, 0.0), real="shm", max_bytes=4096 * 4)
+    ts = [torch.full((1 + 397 * i % 4096,), float(i + 1)) * (rank + 1) for i in range(40)]
+    ok = True
+    for start in range(0, 40, 10):
+        hs = [link(None).start(t) for t in ts[start:start + 10]]
+        for h in reversed(hs):
+            h.wait()
+    for i, t in enumerate(ts):
+        ok &= bool(torch.all(t == 3.0 * (i + 1)))
+    big = torch.ones(8192) * (rank + 1)  # larger than a slot: gloo fallback
+    link(None).start(big).wait()
+    out["sum_shm_ring"] = ok and bool(torch.all(big == 3))
 
     # completion held to the modelled time: 40 ms latency + 8e-9 s/B * 4 MB = 72 ms
     model = LinkModel(0.040, 8e-9)
-    link = EmulatedLink(model, real="lazy", record=True)
+    link = EmulatedLink(model, record=True)
     x = torch.ones(1 << 20)
     dist.barrier()
     t0 = time.perf_counter()
@@ -55,7 +68,7 @@ def _link_cases():
     out["queue_sums"] = [float(t[0]) for t in ts]
 
     # a transfer issued after the link went idle starts at once (no stale queue)
-    link = EmulatedLink(LinkModel(0.020, 0.0), real="lazy", record=True)
+    link = EmulatedLink(LinkModel(0.020, 0.0), record=True)
     link(None).start(torch.ones(4)).wait()
     time.sleep(0.03)
     dist.barrier()

@@ -56,7 +56,8 @@ class _Cfg:
 def test_auto_plan_never_predicted_slower_and_deterministic(latency_us, busbw, score_s):
     from iso_megatron import autosplit
 
-    cal = autosplit.Calibration(0.1, 20.0, score_s, 1e-12 if score_s else 0.0, latency_us, busbw, 4e-4)
+    table = ((1024.0 ** 2 / 4, score_s), (1024.0 ** 2, 1.5 * score_s)) if score_s else ()
+    cal = autosplit.Calibration(0.1, 20.0, table, latency_us, busbw, 4e-4)
     shape = cm.ModelShape.from_megatron_config(_Cfg)
     for s in (32, 200, 512, 1024, 1500, 2048, 4096):
         autosplit.clear_cache()
@@ -74,6 +75,18 @@ def test_auto_plan_never_predicted_slower_and_deterministic(latency_us, busbw, s
         # and at least as good as an even split, as predicted
         even = cm.predict(shape, cal.device(), cal.link(), 2, p1.bucket, split="even", dtype_bytes=4)
         assert p1.predicted_ms <= even.iso_ms * (1 + 1e-9)
+
+
+def test_attention_score_table_interpolates_and_clamps():
+    table = ((100.0, 1e-9), (10000.0, 3e-9))
+    assert cm.score_seconds(table, 10.0) == 1e-9
+    assert cm.score_seconds(table, 1e6) == 3e-9
+    assert cm.score_seconds(table, 1000.0) == pytest.approx(2e-9)
+    dev = cm.DeviceProfile("cpu", 0.1, 20.0, attn_score_table=table)
+    shape = cm.ModelShape("t", 1, 64, 4, 4, 128, False)
+    c = cm.chunk_costs(shape, dev, cm.LINKS["4090"], 2, 0, 50)["attn"].compute_s
+    gemms = (cm.gemm_time(50, 64, 64 * 3 / 2, dev, 2) + cm.gemm_time(50, 32, 64, dev, 2))
+    assert c - gemms == pytest.approx(cm.score_seconds(table, 2500) * 2 * 50 * 50)
 
 
 def test_bucket():
@@ -95,7 +108,8 @@ def perf():
 def test_emulated_link_results_are_real_sums(perf):
     for rank in perf:
         link = rank["link"]
-        assert link["sum_lazy"] and link["sum_eager"] and link["held_sum_ok"]
+        assert link["sum_shm"] and link["sum_lazy"] and link["sum_eager"] and link["held_sum_ok"]
+        assert link["sum_shm_ring"]
         assert link["queue_sums"] == [0.0, 2.0, 4.0]  # each rank contributed i
 
 
