@@ -114,9 +114,19 @@ if __name__ == "__main__":
     _rank_main(sys.argv[1])
 
 
+_PORT_TAKEN = ("Address already in use", "EADDRINUSE")
+
+
 def run_torchrun(nproc: int, argv, timeout: float = 300, env=None):
     """`torchrun --nproc-per-node nproc argv...` in its own process group; killed whole on timeout.
-    Returns (returncode, combined output)."""
+    Returns (returncode, combined output). Retried once if the free port was taken meanwhile."""
+    rc, out = _run_torchrun(nproc, argv, timeout, env)
+    if rc != 0 and any(t in out for t in _PORT_TAKEN):
+        rc, out = _run_torchrun(nproc, argv, timeout, env)
+    return rc, out
+
+
+def _run_torchrun(nproc, argv, timeout, env):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port())] + list(argv)
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
