@@ -241,15 +241,14 @@ class ISOTransformerLayer(TransformerLayer):
     layers together, so the last chunk's MLP reduce overlaps the next layer's attention.
     """
 
+    in_iso_block = False  # set by apply_iso: the block has already decided for this forward
+    _warned_single = False
+
     def __init__(self, config, submodules, *args, iso_config: Optional[ISOConfig] = None, **kwargs):
         check_config(config, compat.tp_world_size())
         super().__init__(config, submodules, *args, **kwargs)
         check_layer(self)
         self.iso_config = iso_config if iso_config is not None else ISOConfig()
-
-    _warned_single = False
-
-    in_iso_block = False  # set by apply_iso: the block has already decided for this forward
 
     def forward(self, *args, **kwargs):
         if self.in_iso_block or not self.iso_config.enabled or self.training:
