@@ -472,6 +472,17 @@ def _sample(keys, n=5) -> str:
     return ", ".join(keys[:n]) + (f" (and {len(keys) - n} more)" if len(keys) > n else "")
 
 
+def _mismatch(what, missing, unexpected, missing_names, unexpected_names) -> CheckpointError:
+    """The error for a checkpoint whose keys differ from the model's (names as the user sees them)."""
+    parts = []
+    if missing:
+        parts.append(f"missing keys: {_sample(missing_names)}")
+    if unexpected:
+        parts.append(f"unexpected keys: {_sample(unexpected_names)}")
+    return CheckpointError(f"{what} does not match the model: " + "; ".join(parts)
+                           + _key_hint(missing, unexpected))
+
+
 def _key_hint(missing, unexpected) -> str:
     if "output_layer.weight" in unexpected:
         return ("; the checkpoint has an untied output layer: build the model with "
@@ -508,13 +519,8 @@ def _resharded_state_dict(model, info: CheckpointInfo, tp: int, rank: int) -> di
     missing = set(target) - set(first)
     unexpected = set(first) - set(target)
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_sample(target[k] for k in missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_sample(first[k][1] for k in unexpected)}")
-        raise CheckpointError(f"{info.files[min(shards)]} does not match the model: "
-                              + "; ".join(parts) + _key_hint(missing, unexpected))
+        raise _mismatch(f"{info.files[min(shards)]}", missing, unexpected,
+                        [target[k] for k in missing], [first[k][1] for k in unexpected])
     for q, shard in shards.items():
         if set(shard) != set(first):
             raise CheckpointError(f"{info.files[q]} holds different keys than "
@@ -618,13 +624,8 @@ def _dist_request(model, info: CheckpointInfo) -> dict:
     missing = set(expected) - set(saved)
     unexpected = {k for k in saved if k.startswith(_MODEL_PREFIXES)} - set(expected)
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_sample(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_sample(unexpected)}")
-        raise CheckpointError(f"the torch_dist checkpoint in {info.directory} does not match the "
-                              "model: " + "; ".join(parts) + _key_hint(missing, unexpected))
+        raise _mismatch(f"the torch_dist checkpoint in {info.directory}", missing, unexpected,
+                        missing, unexpected)
     for key, shape in expected.items():
         if saved[key] != shape:
             raise CheckpointError(f"shape mismatch for {key}: checkpoint {saved[key]}, model {shape} "
