@@ -5,13 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-from .split import validate_split
+from .planner import validate_split
 
 # Prompts shorter than this run the stock path. Below ~512 tokens the two half-size
 # all-reduces of a split cost about as much as one full-size all-reduce (they are
 # latency-bound: vLLM RFC #56126 measures 1.5-2x at small sizes), so there is nothing to
 # hide; TokenWeave enables its split only from 1024. See README "Choosing min_tokens".
 DEFAULT_MIN_TOKENS = 512
+
+
+def tp_divisibility_error(heads: int, groups: Optional[int], tp: int) -> Optional[str]:
+    """Megatron's rule for splitting attention over `tp` ranks, or None when it holds: heads
+    divisible by tp; query groups a multiple of tp, or a divisor (K/V heads replicated)."""
+    groups = groups or heads
+    if heads % tp:
+        return f"num_attention_heads ({heads}) is not divisible by the tensor-parallel size ({tp})"
+    if groups % tp and tp % groups:
+        return (f"num_query_groups ({groups}) must be a multiple or divisor of the "
+                f"tensor-parallel size ({tp})")
+    return None
 
 
 @dataclass

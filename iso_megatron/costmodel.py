@@ -12,6 +12,11 @@ embedding / output layer are left out (they are the same with and without ISO).
 `simulate` runs `schedule.prefill_schedule` on two resources, the compute stream and the link,
 and assumes compute and communication do not slow each other down (NCCL kernels do take some SMs
 in reality), so ISO predictions are optimistic bounds. Times are seconds inside, ms in results.
+
+Benchmark profiles (`launch/bench.py --profiles`) are parsed here too, since a GPU profile is
+the cost model's prediction for that GPU: `parse_profile` ("ratio:R" or
+"gpu:<device>/<model>/tp<N>"), `profile_ratio` (the M/C ratio and latency share it asks for),
+`link_for_profile` (the emulated link's model reproducing it on the machine at hand).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from functools import lru_cache
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from .schedule import PARTS, Step, prefill_schedule
-from .split import Split, TokenCost, chunk_boundaries
+from .planner import Split, chunk_boundaries
+from .shape import ModelShape, TokenCost
 
 GEMM_EFFICIENCY = 0.80  # achievable / datasheet dense tensor rate for large cuBLAS GEMMs
 MEM_EFFICIENCY = 0.85   # achievable / datasheet DRAM bandwidth (streaming reads)
@@ -68,6 +74,14 @@ class LinkProfile:
         busbw = nbytes * 2 * (tp - 1) / tp / (seconds - latency_us * 1e-6)
         return cls(name, latency_us, busbw / 1e9, source)
 
+    @classmethod
+    def from_per_byte(cls, name: str, latency_s: float, per_byte_s: float, tp: int,
+                      source: str = "") -> "LinkProfile":
+        """The profile whose all-reduce of b bytes over `tp` ranks takes latency_s + b * per_byte_s
+        (an emulated link's `LinkModel`), in the busbw convention of `allreduce_time`."""
+        busbw = 2 * (tp - 1) / tp / per_byte_s if per_byte_s > 0 else float("inf")
+        return cls(name, latency_s * 1e6, busbw / 1e9, source)
+
 
 DEVICES: Dict[str, DeviceProfile] = {
     "4090": DeviceProfile("RTX 4090", 165.2 * GEMM_EFFICIENCY, 1008 * MEM_EFFICIENCY,
@@ -95,40 +109,6 @@ LINKS: Dict[str, LinkProfile] = {
 MACHINES: Dict[str, Tuple[DeviceProfile, LinkProfile]] = {k: (DEVICES[k], LINKS[k]) for k in DEVICES}
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    num_layers: int
-    hidden: int
-    num_heads: int
-    num_query_groups: int
-    ffn_hidden: int
-    gated: bool
-    vocab: int = 0
-
-    @property
-    def kv_hidden(self) -> int:
-        return self.num_query_groups * (self.hidden // self.num_heads)
-
-    def layer_params(self) -> int:
-        h, f = self.hidden, self.ffn_hidden
-        return h * (h + 2 * self.kv_hidden) + h * h + h * f * (2 if self.gated else 1) + f * h
-
-    def params(self) -> int:
-        """Weights of all layers plus untied embedding and output layer (norms, biases left out)."""
-        return self.num_layers * self.layer_params() + 2 * self.vocab * self.hidden
-
-    @classmethod
-    def from_megatron_config(cls, config, name: str = "megatron", vocab: int = 0) -> "ModelShape":
-        """Read a megatron-core TransformerConfig (by attribute only; megatron is not imported)."""
-        hidden = getattr(config, "hidden_size")
-        heads = getattr(config, "num_attention_heads")
-        return cls(name=name, num_layers=getattr(config, "num_layers"), hidden=hidden, num_heads=heads,
-                   num_query_groups=getattr(config, "num_query_groups", None) or heads,
-                   ffn_hidden=getattr(config, "ffn_hidden_size", None) or 4 * hidden,
-                   gated=bool(getattr(config, "gated_linear_unit", False)), vocab=vocab)
-
-
 MODELS: Dict[str, ModelShape] = {
     "30b": ModelShape("30B (OPT-30B-like)", 60, 6656, 52, 52, 17920, False, 50272),
     "70b": ModelShape("70B (Llama-2-70B)", 80, 8192, 64, 8, 28672, True, 32000),
@@ -136,8 +116,8 @@ MODELS: Dict[str, ModelShape] = {
 
 
 def token_cost(model: ModelShape) -> TokenCost:
-    """The relative per-token / per-pair compute that `split` uses for balanced boundaries."""
-    return TokenCost.from_dims(model.hidden, model.ffn_hidden, model.kv_hidden, model.gated)
+    """The relative per-token / per-pair compute the planner uses for balanced boundaries."""
+    return TokenCost.from_shape(model)
 
 
 # ---------------------------------------------------------------- per-chunk costs
@@ -184,7 +164,7 @@ def score_seconds(table: Sequence[Tuple[float, float]], scores: float) -> float:
 def chunk_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int, start: int,
                 end: int, batch: int = 1, dtype_bytes: int = 2) -> Dict[str, PartCost]:
     """Per-layer, per-rank cost of the chunk [start, end): {"attn": PartCost, "mlp": PartCost}."""
-    m, h, d = (end - start) * batch, model.hidden, model.hidden // model.num_heads
+    m, h, d = (end - start) * batch, model.hidden, model.head_dim
     heads, groups = model.num_heads / tp, model.num_query_groups / tp
     pairs = (end * (end + 1) - start * (start + 1)) / 2  # causal (query, key) pairs
     core_bytes = batch * (2 * (end - start) * heads + 2 * end * groups) * d * dtype_bytes  # Q,O; K,V
@@ -195,8 +175,8 @@ def chunk_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp:
         core = per_score * heads * batch * (end - start) * end
     else:
         core = _roofline(4.0 * d * pairs * heads * batch, core_bytes, device)  # QK^T + PV, flash-style
-    attn = (gemm_time(m, h, (h + 2 * model.kv_hidden) / tp, device, dtype_bytes) + core
-            + gemm_time(m, h / tp, h, device, dtype_bytes))
+    attn = (gemm_time(m, h, (model.q_hidden + 2 * model.kv_hidden) / tp, device, dtype_bytes) + core
+            + gemm_time(m, model.q_hidden / tp, h, device, dtype_bytes))
     fc1 = gemm_time(m, h, model.ffn_hidden / tp, device, dtype_bytes)
     mlp = fc1 * (2 if model.gated else 1) + gemm_time(m, model.ffn_hidden / tp, h, device, dtype_bytes)
     ar = allreduce_time(m * h * dtype_bytes, link, tp)
@@ -358,6 +338,8 @@ def ratio_profile(model: ModelShape, device: DeviceProfile, link: LinkProfile, t
     return sum(costs[p].comm_s for p in parts) / sum(costs[p].compute_s for p in parts)
 
 
+# ---------------------------------------------------------------- benchmark profiles
+
 def parse_gpu_profile(spec: str) -> Tuple[DeviceProfile, LinkProfile, ModelShape, int]:
     """"gpu:<device>/<model>/tp<N>", e.g. "gpu:4090/30b/tp4" -> (device, link, model, tp)."""
     m = re.fullmatch(r"gpu:([^/]+)/([^/]+)/tp(\d+)", spec.strip()) if isinstance(spec, str) else None
@@ -372,3 +354,49 @@ def parse_gpu_profile(spec: str) -> Tuple[DeviceProfile, LinkProfile, ModelShape
     if tp < 1:
         raise ValueError(f"tp must be >= 1 in {spec!r}")
     return MACHINES[dev][0], MACHINES[dev][1], MODELS[model], tp
+
+
+def parse_profile(spec: str) -> Tuple[str, object]:
+    """"ratio:R" -> ("ratio", R); "gpu:<device>/<model>/tp<N>" -> ("gpu", spec) (validated)."""
+    spec = spec.strip()
+    if spec.startswith("ratio:"):
+        try:
+            r = float(spec[len("ratio:"):])
+        except ValueError:
+            raise ValueError(f"bad ratio profile {spec!r}: want ratio:<float>") from None
+        if not r >= 0:
+            raise ValueError(f"ratio must be >= 0 in {spec!r}")
+        return "ratio", r
+    if spec.startswith("gpu:"):
+        parse_gpu_profile(spec)
+        return "gpu", spec
+    raise ValueError(f"unknown profile {spec!r}: want ratio:<R> or gpu:<device>/<model>/tp<N>")
+
+
+def profile_ratio(spec: str, seq_len: int, batch: int = 1) -> Tuple[float, float]:
+    """(M/C ratio, latency share of one unsplit-prompt all-reduce) that `spec` asks for.
+
+    ratio:R -> (R, 0). gpu:<device>/<model>/tp<N> -> `ratio_profile` for that GPU, model and TP
+    at `seq_len` (bf16), and the share of the link's fixed latency in one all-reduce of the
+    whole prompt there, so that chunked all-reduces scale as they would on that GPU link.
+    """
+    kind, value = parse_profile(spec)
+    if kind == "ratio":
+        return value, 0.0
+    device, link, model, tp = parse_gpu_profile(value)
+    ratio = ratio_profile(model, device, link, tp, seq_len, batch)
+    full = allreduce_time(seq_len * batch * model.hidden * 2, link, tp)
+    latency = link.latency_us * 1e-6 if tp > 1 else 0.0
+    return ratio, (latency / full if full > 0 else 0.0)
+
+
+def link_for_profile(spec: str, seq_len: int, batch: int, compute_s: float, num_layers: int,
+                     hidden: int, dtype_bytes: int):
+    """The emulated link's `LinkModel` reproducing `spec` on a model whose unsplit prefill
+    computes in `compute_s` (measured with communication skipped) and does 2 all-reduces per
+    layer of seq_len x batch x hidden elements of `dtype_bytes`."""
+    from .emulated import LinkModel
+
+    ratio, latency_share = profile_ratio(spec, seq_len, batch)
+    return LinkModel.for_ratio(ratio, compute_s, 2 * num_layers,
+                               seq_len * batch * hidden * dtype_bytes, latency_share)

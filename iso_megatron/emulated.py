@@ -9,11 +9,11 @@ onto the machine instead:
 - transfers on one rank's link queue in order: one starts when it is issued AND the previous
   one has finished (`free_at`), and takes `LinkModel.seconds(nbytes)`.
 
-The same link object serves ISO's deferred reduces (`comm.use_reducer(link)`: the link is the
-reducer factory) and stock megatron's synchronous ones (`link.stock_reduces()` wraps
-`megatron.core.tensor_parallel.mappings._reduce`, which RowParallelLinear reaches through
-`reduce_from_tensor_model_parallel_region`: start, then wait at once). So the baseline is the
-untouched stock code and pays the same modelled time per all-reduce as ISO does.
+`with emulate(link):` puts the link in place for the block, and only for the block: it carries
+ISO's deferred reduces (`comm.use_reducer(link)`: the link is the reducer factory) and stock
+megatron's synchronous ones (`route_stock_reduces`: start, then wait at once). So the baseline is
+the untouched stock code and pays the same modelled time per all-reduce as ISO does. On leaving
+the block every transfer still in flight is waited for and megatron's own reduce is back.
 
 How the real all-reduce travels (`real=`):
   "shm"   (default; ranks on one host) through shared memory, as NCCL's SHM transport carries
@@ -33,11 +33,10 @@ Measured on the 2-core CPU (S=1024, ratio 0.5, even split; compute-only ISO 393 
 
 from __future__ import annotations
 
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -76,10 +75,10 @@ class Transfer(NamedTuple):
     nbytes: int
 
 
-def _hold_until(deadline: float, clock: Callable[[], float]) -> None:
+def _hold_until(deadline: float) -> None:
     # sleep most of the way, then spin the last ~0.2 ms (sleep overshoots by ~0.05-0.1 ms)
     while True:
-        left = deadline - clock()
+        left = deadline - time.perf_counter()
         if left <= 0:
             return
         if left > 4e-4:
@@ -172,17 +171,14 @@ class EmulatedHandle:
             dist.all_reduce(self.tensor, group=self.group)
         elif self.work is not None:
             self.work.wait()
-        _hold_until(self.transfer.done, self.link.clock)
+        _hold_until(self.transfer.done)
         self._done = True
         self.link._waited(self)
         return True
 
-    def is_completed(self) -> bool:
-        return self._done
-
 
 class EmulatedReducer:
-    """What `comm.make_reducer(group)` returns while `use_reducer(link)` is active."""
+    """What `comm.make_reducer(group)` returns while `emulate(link)` is active."""
 
     def __init__(self, link: "EmulatedLink", group):
         self.link, self.group = link, group
@@ -192,44 +188,31 @@ class EmulatedReducer:
 
 
 class EmulatedLink:
-    """One rank's emulated link. Call it with a group to get a reducer (a `use_reducer` factory)."""
+    """One rank's emulated link. Call it with a group to get a reducer (a `use_reducer` factory);
+    put it in place with `with emulate(link):`. `record=True` keeps every `Transfer` in `log`."""
 
-    def __init__(self, model: LinkModel = LinkModel(), real: str = "shm",
-                 clock: Callable[[], float] = time.perf_counter, record: bool = False,
+    def __init__(self, model: LinkModel = LinkModel(), real: str = "shm", record: bool = False,
                  max_bytes: int = 4 << 20):
         if real not in REAL_MODES:
             raise ValueError(f"real must be one of {REAL_MODES}, got {real!r}")
-        self.model, self.real, self.clock, self.record = model, real, clock, record
+        self.model, self.real, self.record = model, real, record
         self.max_bytes = int(max_bytes)  # shm: slot size (larger transfers fall back to eager gloo)
         self._rings = {}
         self.free_at = 0.0
         self.log: List[Transfer] = []
-        self.busy_s = 0.0  # modelled link time so far
-        self.count = 0
         self._pending: List[EmulatedHandle] = []
-        self._lock = threading.Lock()
 
     def __call__(self, group) -> EmulatedReducer:
         return EmulatedReducer(self, group)
 
-    def reset(self, model: Optional[LinkModel] = None) -> None:
-        self.drain()
-        if model is not None:
-            self.model = model
-        self.free_at, self.busy_s, self.count, self.log = 0.0, 0.0, 0, []
-
     def start(self, tensor, group) -> EmulatedHandle:
-        now = self.clock()
+        now = time.perf_counter()
         nbytes = tensor.numel() * tensor.element_size()
-        with self._lock:
-            started = max(now, self.free_at)
-            seconds = self.model.seconds(nbytes)
-            transfer = Transfer(now, started, started + seconds, nbytes)
-            self.free_at = transfer.done
-            self.busy_s += seconds
-            self.count += 1
-            if self.record:
-                self.log.append(transfer)
+        started = max(now, self.free_at)
+        transfer = Transfer(now, started, started + self.model.seconds(nbytes), nbytes)
+        self.free_at = transfer.done
+        if self.record:
+            self.log.append(transfer)
         work = ring = seq = None
         if self.real == "shm" and nbytes <= self.max_bytes:
             ring = self._ring(group)
@@ -264,33 +247,47 @@ class EmulatedLink:
         self.start(tensor, group).wait()
         return tensor
 
-    @contextmanager
-    def stock_reduces(self):
-        """Route megatron's synchronous TP all-reduces (`mappings._reduce`) through this link."""
-        from megatron.core.tensor_parallel import mappings
 
-        stock = mappings._reduce
+@contextmanager
+def route_stock_reduces(reduce: Callable):
+    """Stock megatron-core's synchronous tensor-parallel all-reduce calls `reduce(tensor, group)`
+    for the duration of the block (the benchmark links' baseline: `emulate`, `proxy.stand_in`).
 
-        def emulated_reduce(input_, group):
-            if group is None or group.size() == 1:
-                return stock(input_, group)
-            tensor = input_.contiguous()
-            self.sync_reduce(tensor, group)
-            return tensor
+    Megatron has no hook for it: RowParallelLinear (through
+    `reduce_from_tensor_model_parallel_region`) and the vocab-parallel embedding call
+    `megatron.core.tensor_parallel.mappings._reduce(input_, group)`, which all-reduces in place
+    over torch.distributed. That one module attribute is swapped while the block runs and put
+    back when it ends, also on error. Not thread-local: do not run unrelated megatron models on
+    other threads meanwhile.
+    """
+    from megatron.core.tensor_parallel import mappings
 
-        mappings._reduce = emulated_reduce
-        try:
-            yield self
-        finally:
-            mappings._reduce = stock
+    stock = mappings._reduce
+
+    def routed(input_, group):
+        tensor = input_.contiguous()
+        reduce(tensor, group)
+        return tensor
+
+    mappings._reduce = routed
+    try:
+        yield
+    finally:
+        mappings._reduce = stock
 
 
 @contextmanager
 def emulate(link: EmulatedLink):
-    """ISO's reduces and stock megatron's synchronous ones both over `link`."""
+    """ISO's reduces and stock megatron's synchronous ones both over `link`, for the block; on
+    exit every transfer still in flight is waited for. A group of one rank is left alone (stock
+    megatron does not reduce there, nor does the link: TP 1 has no all-reduce at all)."""
     from .comm import use_reducer
 
-    with use_reducer(link), link.stock_reduces():
+    def stock_reduce(tensor, group):
+        if group is not None and group.size() > 1:
+            link.sync_reduce(tensor, group)
+
+    with use_reducer(link), route_stock_reduces(stock_reduce):
         try:
             yield link
         finally:
@@ -300,54 +297,3 @@ def emulate(link: EmulatedLink):
 def no_comm_link() -> EmulatedLink:
     """A link that does not communicate and takes no time: for compute-only calibration."""
     return EmulatedLink(LinkModel(), real="none")
-
-
-# ---------------------------------------------------------------- profiles
-
-def parse_profile(spec: str):
-    """"ratio:R" -> ("ratio", R); "gpu:<device>/<model>/tp<N>" -> ("gpu", spec)."""
-    spec = spec.strip()
-    if spec.startswith("ratio:"):
-        try:
-            r = float(spec[len("ratio:"):])
-        except ValueError:
-            raise ValueError(f"bad ratio profile {spec!r}: want ratio:<float>") from None
-        if not r >= 0:
-            raise ValueError(f"ratio must be >= 0 in {spec!r}")
-        return "ratio", r
-    if spec.startswith("gpu:"):
-        from .costmodel import parse_gpu_profile
-
-        parse_gpu_profile(spec)  # validates
-        return "gpu", spec
-    raise ValueError(f"unknown profile {spec!r}: want ratio:<R> or gpu:<device>/<model>/tp<N>")
-
-
-def profile_ratio(spec: str, seq_len: int, batch: int = 1):
-    """(M/C ratio, latency fraction of one unsplit-prompt all-reduce) that `spec` asks for.
-
-    ratio:R -> (R, 0). gpu:<device>/<model>/tp<N> -> the cost model's M/C for that GPU, model
-    and TP at `seq_len` (`costmodel.ratio_profile`), and the share of the link's fixed latency
-    in one all-reduce of the whole prompt there, so that chunked all-reduces scale as they
-    would on that GPU link.
-    """
-    kind, value = parse_profile(spec)
-    if kind == "ratio":
-        return value, 0.0
-    from . import costmodel as cm
-
-    device, link, model, tp = cm.parse_gpu_profile(value)
-    ratio = cm.ratio_profile(model, device, link, tp, seq_len, batch)
-    full = cm.allreduce_time(seq_len * batch * model.hidden * 2, link, tp)
-    latency = link.latency_us * 1e-6 if tp > 1 else 0.0
-    return ratio, (latency / full if full > 0 else 0.0)
-
-
-def link_for_profile(spec: str, seq_len: int, batch: int, compute_s: float, num_layers: int,
-                     hidden: int, dtype_bytes: int) -> LinkModel:
-    """The link model reproducing `spec` on a model whose unsplit prefill computes in
-    `compute_s` (measured with communication skipped) and does 2 all-reduces per layer of
-    seq_len x batch x hidden elements."""
-    ratio, lat = profile_ratio(spec, seq_len, batch)
-    return LinkModel.for_ratio(ratio, compute_s, 2 * num_layers,
-                               seq_len * batch * hidden * dtype_bytes, lat)

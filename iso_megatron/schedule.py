@@ -1,7 +1,7 @@
-"""The ISO prefill schedule, as data.
+"""The ISO prefill schedule, as data, and the executor that walks it.
 
-One list of steps drives both the executor (`transformer.ISOTransformerBlock`) and the cost
-model (`costmodel`). A step is one of:
+One list of steps drives both the executor (`run_prefill`, used by the Megatron adapter and the
+Hugging Face / DeepSpeed adapter alike) and the cost model (`costmodel.simulate`). A step is one of:
 
   compute(layer, part, chunk)  run the part ("attn" or "mlp") of one chunk up to the local
                                partial sum of its row-parallel linear (reduce deferred)
@@ -22,7 +22,7 @@ met because chunk i's attention always comes after chunk 0..i-1's at the same la
 
 from __future__ import annotations
 
-from typing import List, NamedTuple
+from typing import Any, List, NamedTuple, Optional, Protocol, Tuple
 
 PARTS = ("attn", "mlp")
 
@@ -74,3 +74,55 @@ def check_schedule(steps: List[Step]) -> None:
         else:
             raise AssertionError(f"unknown op {s.op!r}")
         done.add((s.op,) + key)
+
+
+# ---- the executor ---------------------------------------------------------------------------
+
+class ChunkOps(Protocol):
+    """What a framework adapter supplies: one layer part of one chunk, up to its partial sum.
+
+    attention / mlp return (partial sum, bias): the row-parallel linear's reduce is deferred and
+    its bias is not yet added. finish adds the (reduced) partial sum and bias onto the residual
+    exactly as the stock layer does, and returns the chunk's new hidden state.
+    """
+
+    def attention(self, layer: int, chunk: int, hidden: Any) -> Tuple[Any, Optional[Any]]: ...
+
+    def mlp(self, layer: int, chunk: int, hidden: Any) -> Tuple[Any, Optional[Any]]: ...
+
+    def finish(self, layer: int, part: str, partial: Any, bias: Optional[Any], residual: Any) -> Any: ...
+
+
+class Reducer(Protocol):
+    """`start(tensor)` begins an in-place sum over the TP group; the handle's `wait()` makes
+    the caller's later work see it (iso_megatron.comm)."""
+
+    def start(self, tensor: Any) -> Any: ...
+
+
+def run_prefill(ops: ChunkOps, num_layers: int, chunks: List[Any], reducer: Reducer) -> List[Any]:
+    """Walk `prefill_schedule(num_layers, len(chunks))` over the chunks' hidden states.
+
+    Returns the output hidden states, chunk by chunk. If a step raises, every reduce already
+    started is waited for before the exception leaves: no collective is left in flight.
+    """
+    chunks = list(chunks)
+    in_flight = {}  # (layer, part, chunk) -> [partial sum, bias, residual, reduce handle]
+    try:
+        for step in prefill_schedule(num_layers, len(chunks)):
+            key, c = (step.layer, step.part, step.chunk), step.chunk
+            if step.op == "compute":
+                compute = ops.attention if step.part == "attn" else ops.mlp
+                out, bias = compute(step.layer, c, chunks[c])
+                in_flight[key] = [out, bias, chunks[c], None]
+            elif step.op == "reduce":
+                in_flight[key][3] = reducer.start(in_flight[key][0])
+            else:  # finish
+                out, bias, residual, handle = in_flight.pop(key)
+                handle.wait()
+                chunks[c] = ops.finish(step.layer, step.part, out, bias, residual)
+    finally:
+        for entry in in_flight.values():
+            if entry[3] is not None:
+                entry[3].wait()
+    return chunks

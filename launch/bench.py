@@ -1,30 +1,42 @@
 """ISO prefill benchmark: baseline (stock megatron-core) vs ISO, against the ideal-overlap bound.
 
-    torchrun --standalone --nproc-per-node 2 launch/bench.py --profiles ratio:1,gpu:4090/30b/tp4 \
+    torchrun --standalone --nproc-per-node 2 launch/bench.py --profiles ratio:1,gpu:4090/30b/tp4 \\
         --seq-lens 1024,2048 --splits even,balanced,auto --output-json docs/bench.json --plot docs/bench.png
+    python launch/bench.py --link proxy --splits balanced --seq-lens 1024   # one process, TP 2 stood in for
+    python launch/bench.py --summarize docs/bench_cpu_emulated.json         # a bench JSON as a markdown table
 
-Links (`--link`):
-  emulated  (default on CPU) every all-reduce runs for real over gloo, completion held to a
-            modelled time (`iso_megatron.emulated`); `--profiles` say which: `ratio:R` (the
-            all-reduces of the unsplit prompt take R x its measured compute, no communication)
-            or `gpu:<device>/<model>/tp<N>` (the M/C ratio and link latency share that the cost
-            model predicts for that GPU, model and TP at this prompt length). The baseline runs
-            the UNTOUCHED stock code: megatron's synchronous reduce (`mappings._reduce`) goes
-            through the same link, start + wait, so it pays the same modelled time per transfer.
-  real      the process group's own all-reduce (NCCL on GPUs, gloo on CPU); no profiles.
-  proxy     one device, TP pretended: each "all-reduce" copies the partial sum device->host->device
-            on a side stream (CUDA) or a worker thread (CPU), which is how an all-reduce travels
-            between GPUs without P2P (RTX 4090). Measures real compute/copy concurrency.
-            Default for `--device cuda` with one process.
+Model, precision and timing flags are the other launchers' (`iso_megatron.cli`, Megatron-LM's
+names): `--num-layers`, `--hidden-size`, `--micro-batch-size`, `--bf16` / `--fp16` (default fp32
+on CPU, bf16 on CUDA), `--timing-repeats`, `--timing-warmup`, `--iso-chunks`, `--iso-min-tokens`.
 
-    python launch/bench.py --summarize docs/bench_cpu_emulated.json   # the JSON as a markdown table
+Links (`--link`). Each is put in place with `with` around the runs it carries and is gone after
+them; this launcher patches no module:
+  emulated  (default on CPU) `iso_megatron.emulated.emulate`: every all-reduce runs for real,
+            by default through shared memory between the ranks of this host (`--real shm`, as
+            NCCL's SHM transport; `--real lazy|eager`: gloo over TCP loopback), and its completion
+            is held to a modelled time. `--profiles` say which: `ratio:R` (the all-reduces of the
+            unsplit prompt take R x its measured compute, no communication) or
+            `gpu:<device>/<model>/tp<N>` (the M/C ratio and link latency share that the cost model
+            predicts for that GPU, model and TP at this prompt length; `iso_megatron.costmodel`).
+            The baseline runs the UNTOUCHED stock code: inside `emulate`, megatron's synchronous
+            reduce goes through the same link, start + wait, so it pays the same modelled time.
+  real      the process group's own all-reduce (NCCL on GPUs, gloo on CPU) for ISO
+            (`comm.TorchDistReducer`) and stock alike; no profiles.
+  proxy     `iso_megatron.proxy.stand_in`: one process plans ISO as TP `--tensor-model-parallel-size`
+            (default 2) and each "all-reduce" copies the partial sum device->host->device on a side
+            stream (CUDA) or a worker thread (CPU), which is how an all-reduce travels between GPUs
+            without P2P (RTX 4090); stock's reduces take the same copy. Measures real compute/copy
+            concurrency. Default for `--device cuda` with one process.
 
 Per setting: a compute-only pass (communication skipped) gives compute_ms; then warm-up and
-`--reps` timed prefills (max over ranks per repetition, median over repetitions). Timed is the
-decoder plus the output layer (`GPTModel.forward` with `decoder_input`, embedding skipped: its
-all-reduce is the same with and without ISO and cannot overlap). Peak memory (`PeakMemory`):
-bytes allocated by the prefill above what was alive before it, from CUDA's allocator stats or,
-on CPU, from torch's CPU allocator through the profiler; measured after all timed runs.
+`--timing-repeats` timed prefills (every rank starts after a barrier and stops after another:
+max over ranks per repetition, median over repetitions; `cli.time_ms`). What ISO ran is read from
+the block (`model.decoder.iso_plan`), and the compute-only twin replays exactly those chunks.
+Timed is the decoder plus the output layer (`GPTModel.forward` with `decoder_input`, embedding
+skipped: its all-reduce is the same with and without ISO and cannot overlap). Peak memory
+(`PeakMemory`): bytes allocated by the prefill above what was alive before it, from CUDA's
+allocator stats or, on CPU, from torch's CPU allocator through the profiler; measured after all
+timed runs.
 """
 
 from __future__ import annotations
@@ -33,75 +45,112 @@ import argparse
 import json
 import math
 import os
-import statistics
-import sys
-import threading
-import time
 import warnings
 from contextlib import contextmanager, nullcontext
 
-warnings.filterwarnings("ignore")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+from iso_megatron import cli
+from iso_megatron import costmodel as cm
+
+warnings.filterwarnings("ignore")
 
 FIELDS = ("profile", "seq_len", "tp", "split", "num_chunks", "baseline_ms", "iso_ms", "compute_ms",
           "comm_ms", "ideal_ms", "hidden_fraction", "time_reduction", "peak_mem_ratio")
+SPLITS = ("even", "balanced", "auto")
+# the bench's default model (docs/bench_results.md): Llama style, GQA 8 heads / 4 groups
+DEFAULT_MODEL = dict(num_layers=8, hidden_size=512, ffn_hidden_size=1408, num_attention_heads=8,
+                     group_query_attention=True, num_query_groups=4, vocab_size=256)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = DEFAULT_MODEL
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"The bench's defaults (its own model, not a tokenizer's): --num-layers {defaults['num_layers']} "
+               f"--hidden-size {defaults['hidden_size']} --ffn-hidden-size {defaults['ffn_hidden_size']} "
+               f"--num-attention-heads {defaults['num_attention_heads']}, grouped-query attention on with "
+               f"--num-query-groups {defaults['num_query_groups']} (as many groups as heads: plain multi-head), "
+               f"--vocab-size {defaults['vocab_size']}, --micro-batch-size 1, --seed 1234. Precision: fp32 on "
+               "--device cpu, bf16 on --device cuda; --bf16 or --fp16 choose (fp32 cannot be asked for on CUDA).")
+    cli.add_shape_args(p)
+    iso = p.add_argument_group("ISO (launch/infer.py's flags; the splits compared are --splits)")
+    iso.add_argument("--iso-chunks", type=int, default=2,
+                     help="chunks of the even and balanced splits (default 2)")
+    iso.add_argument("--iso-min-tokens", type=int, default=0,
+                     help="prompts shorter run stock in every ISO run (default 0: every prompt is "
+                          "split; auto still applies its calibrated threshold)")
+    cli.add_timing_args(p, repeats=5, warmup=1)
+    g = p.add_argument_group("benchmark")
+    g.add_argument("--profiles", default="ratio:0.5,ratio:1,ratio:2,gpu:4090/30b/tp4,gpu:a800/30b/tp4",
+                   help="emulated link: ratio:<R> or gpu:<device>/<model>/tp<N>, comma-separated")
+    g.add_argument("--seq-lens", default="1024,2048", help="prompt lengths, comma-separated")
+    g.add_argument("--splits", default="even,balanced,auto",
+                   help="ISO splits compared with the baseline, comma-separated: even, balanced, auto")
+    g.add_argument("--max-chunks", type=int, default=4,
+                   help="largest K the auto split considers (its --iso-chunks; bench-specific so that "
+                        "one run compares K=--iso-chunks fixed splits with auto up to this)")
+    g.add_argument("--output-json", default=None)
+    g.add_argument("--plot", default=None)
+    g.add_argument("--summarize", metavar="JSON", default=None,
+                   help="print a bench JSON as a markdown table and exit (nothing is run)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="default precision: fp32 on cpu, bf16 on cuda (--bf16 / --fp16 choose)")
+    g.add_argument("--link", choices=("emulated", "real", "proxy"), default=None,
+                   help="default: emulated on CPU, proxy on one GPU, real on several GPUs")
+    g.add_argument("--real", choices=("shm", "lazy", "eager"), default="shm",
+                   help="emulated link: how the real all-reduce travels (see iso_megatron.emulated)")
+    g.add_argument("--family", choices=("llama", "gpt"), default="llama")
+    g.add_argument("--compute-reps", type=int, default=3,
+                   help="compute-only runs that set the link's speed (the least disturbed counts)")
+    g.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
+    g.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.set_defaults(**DEFAULT_MODEL)
+    return p
+
+
+def _ints(text):
+    return [int(s) for s in text.split(",") if s.strip()]
+
+
+def _names(text):
+    return [s.strip() for s in text.split(",") if s.strip()]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--profiles", default="ratio:0.5,ratio:1,ratio:2,gpu:4090/30b/tp4,gpu:a800/30b/tp4")
-    p.add_argument("--seq-lens", default="1024,2048")
-    p.add_argument("--splits", default="even,balanced,auto")
-    p.add_argument("--output-json", default=None)
-    p.add_argument("--plot", default=None)
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--link", choices=("emulated", "real", "proxy"), default=None,
-                   help="default: emulated on CPU, proxy on one GPU, real on several GPUs")
-    p.add_argument("--real", choices=("shm", "lazy", "eager"), default="shm",
-                   help="emulated link: where the real all-reduce runs (see iso_megatron.emulated)")
-    p.add_argument("--family", choices=("llama", "gpt"), default="llama")
-    p.add_argument("--num-layers", type=int, default=8)
-    p.add_argument("--hidden-size", type=int, default=512)
-    p.add_argument("--num-attention-heads", type=int, default=8)
-    p.add_argument("--num-query-groups", type=int, default=4)
-    p.add_argument("--ffn-hidden-size", type=int, default=1408)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
-                   help="default: fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--num-chunks", type=int, default=2, help="chunks for the even/balanced splits")
-    p.add_argument("--max-chunks", type=int, default=4, help="largest K the auto split considers")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--compute-reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
-    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
-    return p.parse_args(argv)
+    """Parse and check everything that needs no process group: every rank fails alike."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.summarize:
+        return args
+    try:
+        args.dtype = cli.dtype_from_args(args, torch.bfloat16 if args.device == "cuda" else torch.float32)
+        lens = _ints(args.seq_lens)
+    except ValueError as e:
+        p.error(str(e))
+    if not lens or min(lens) < 2:
+        p.error(f"--seq-lens: want comma-separated lengths >= 2, got {args.seq_lens!r}")
+    bad = [s for s in _names(args.splits) if s not in SPLITS]
+    if bad or not _names(args.splits):
+        p.error(f"--splits: want a comma-separated subset of {', '.join(SPLITS)}, got {args.splits!r}")
+    for spec in _names(args.profiles):
+        try:
+            cm.parse_profile(spec)
+        except ValueError as e:
+            p.error(f"--profiles: {e}")
+    for flag, value, least in (("--iso-chunks", args.iso_chunks, 1), ("--max-chunks", args.max_chunks, 1),
+                               ("--iso-min-tokens", args.iso_min_tokens, 0),
+                               ("--timing-repeats", args.timing_repeats, 1),
+                               ("--timing-warmup", args.timing_warmup, 0),
+                               ("--compute-reps", args.compute_reps, 1),
+                               ("--micro-batch-size", args.micro_batch_size, 1)):
+        if value < least:
+            p.error(f"{flag} must be >= {least}, got {value}")
+    return args
 
 
-# ---------------------------------------------------------------- process setup
-
-def init_distributed(device: str):
-    if "RANK" not in os.environ:  # plain `python launch/bench.py`: one process
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
-
+# ---------------------------------------------------------------- memory
 
 class PeakMemory:
     """Peak bytes allocated above the level at entry (tensors alive before do not count).
@@ -144,102 +193,6 @@ class PeakMemory:
         return False
 
 
-# ---------------------------------------------------------------- the proxy link (one device)
-
-class _ProxyHandle:
-    def __init__(self, done):
-        self.done = done
-
-    def wait(self):
-        if isinstance(self.done, torch.cuda.Event):
-            torch.cuda.current_stream().wait_event(self.done)
-        else:
-            self.done.result()
-        return True
-
-
-class ProxyLink:
-    """'All-reduce' of one device: copy the partial sum D2H then H2D, in place, off the compute
-    stream (a CUDA side stream; a single worker thread on CPU). Transfers queue in issue order."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.buffers = {}
-        if device == "cuda":
-            self.stream = torch.cuda.Stream()
-        else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(max_workers=1)
-
-    def __call__(self, group):
-        return self
-
-    def _host(self, tensor):
-        key = (tensor.numel(), tensor.dtype)
-        if key not in self.buffers:  # one per size: the transfers are serial, reuse is safe
-            self.buffers[key] = torch.empty(tensor.numel(), dtype=tensor.dtype,
-                                            pin_memory=self.device == "cuda")
-        return self.buffers[key]
-
-    def start(self, tensor):
-        host = self._host(tensor)
-        flat = tensor.view(-1)
-        if self.device == "cuda":
-            ready = torch.cuda.Event()
-            ready.record()
-            with torch.cuda.stream(self.stream):
-                self.stream.wait_event(ready)
-                host.copy_(flat, non_blocking=True)
-                flat.copy_(host, non_blocking=True)
-                tensor.record_stream(self.stream)
-                done = torch.cuda.Event()
-                done.record()
-            return _ProxyHandle(done)
-
-        def copy():
-            host.copy_(flat)
-            flat.copy_(host)
-        return _ProxyHandle(self.pool.submit(copy))
-
-    def drain(self):
-        if self.device == "cuda":
-            self.stream.synchronize()
-        else:
-            self.pool.submit(lambda: None).result()
-
-    @contextmanager
-    def stock_reduces(self):
-        """Stock megatron's reduce (a no-op at TP 1) through the proxy, synchronously."""
-        from megatron.core.tensor_parallel import mappings
-
-        stock = mappings._reduce
-
-        def proxied(input_, group):
-            t = input_.contiguous()
-            self.start(t).wait()
-            return t
-
-        mappings._reduce = proxied
-        try:
-            yield self
-        finally:
-            mappings._reduce = stock
-
-
-@contextmanager
-def pretend_tp(size: int):
-    """Proxy mode: let ISO plan as if the TP group had `size` ranks (the proxy stands in for it)."""
-    from iso_megatron import compat
-
-    real = compat.tp_world_size
-    compat.tp_world_size = lambda: size
-    try:
-        yield
-    finally:
-        compat.tp_world_size = real
-
-
 # ---------------------------------------------------------------- the benchmark
 
 class Bench:
@@ -254,9 +207,19 @@ class Bench:
             raise SystemExit("--link proxy runs on one process (it stands in for the TP group)")
         if self.link_mode == "real" and world < 2:
             raise SystemExit("--link real needs >= 2 ranks (torchrun --nproc-per-node N)")
-        self.tp = world if self.link_mode != "proxy" else 2
-        dtype = args.dtype or ("fp32" if self.device == "cpu" else "bf16")
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        tp = args.tensor_model_parallel_size
+        if self.link_mode == "proxy":
+            self.tp = 2 if tp is None else tp  # the TP size the proxy stands in for
+            if self.tp < 2:
+                raise SystemExit("--link proxy: --tensor-model-parallel-size must be >= 2 (the TP "
+                                 "size ISO plans for in this one process)")
+        else:
+            if tp not in (None, world):
+                raise SystemExit(f"--tensor-model-parallel-size {tp}: the bench runs TP = the number "
+                                 f"of processes ({world}); only --link proxy stands in for another")
+            self.tp = world
+        self.dtype = args.dtype
+        self.esize = torch.tensor([], dtype=self.dtype).element_size()
         self.build_model()
 
     # -- model
@@ -264,7 +227,9 @@ class Bench:
         from megatron.core import parallel_state
 
         from iso_megatron import apply_cpu_shims
-        from iso_megatron.models import build_gpt, model_config
+        from iso_megatron.megatron.models import build_gpt, model_config
+        from iso_megatron.planner import Environment
+        from iso_megatron.shape import ModelShape
 
         a = self.args
         if self.device == "cpu":
@@ -273,34 +238,88 @@ class Bench:
         if self.device == "cuda":
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-            model_parallel_cuda_manual_seed(1234)
-        torch.manual_seed(1234)
+            model_parallel_cuda_manual_seed(a.seed)
+        torch.manual_seed(a.seed)
+        groups = a.num_query_groups if a.group_query_attention else a.num_attention_heads
         self.config = model_config(a.family, num_layers=a.num_layers, hidden_size=a.hidden_size,
-                                   num_attention_heads=a.num_attention_heads,
-                                   num_query_groups=a.num_query_groups, ffn_hidden_size=a.ffn_hidden_size,
-                                   params_dtype=self.dtype)
-        self.model = build_gpt(self.config, family=a.family, vocab_size=256,
-                               max_sequence_length=max(self.seq_lens()) + 8)
+                                   num_attention_heads=a.num_attention_heads, num_query_groups=groups,
+                                   ffn_hidden_size=a.ffn_hidden_size, params_dtype=self.dtype)
+        self.model = build_gpt(self.config, family=a.family, vocab_size=a.vocab_size,
+                               max_sequence_length=max(_ints(a.seq_lens)) + 8)
         if self.device == "cuda":
             self.model = self.model.cuda()
         self.model.eval()
-        self.esize = torch.tensor([], dtype=self.dtype).element_size()
-
-    def seq_lens(self):
-        return [int(s) for s in self.args.seq_lens.split(",") if s.strip()]
+        self.shape = ModelShape.from_megatron_config(self.config)
+        self.group = parallel_state.get_tensor_model_parallel_group()
+        dev = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
+        self.env = Environment(dev, self.dtype, self.group)
 
     def set_iso(self, iso):
         from iso_megatron import ISOConfig, apply_iso
 
         apply_iso(self.model, iso if iso is not None else ISOConfig(enabled=False))
 
+    def iso_config(self, split, bounds=None):
+        from iso_megatron import ISOConfig
+
+        a = self.args
+        if bounds is not None:  # replay exact boundaries (compute-only twin of any plan)
+            s = bounds[-1]
+            return ISOConfig(num_chunks=len(bounds) - 1, min_tokens=0,
+                             split=tuple((e - b) / s for b, e in zip(bounds, bounds[1:])))
+        if split == "auto":
+            return ISOConfig(num_chunks=a.max_chunks, split="auto", min_tokens=a.iso_min_tokens)
+        return ISOConfig(num_chunks=a.iso_chunks, split=split, min_tokens=a.iso_min_tokens)
+
+    def ran(self):
+        """The chunk boundaries the latest ISO forward ran (None: the stock path), as recorded
+        by the block itself."""
+        plan = self.model.decoder.iso_plan
+        return None if plan.bounds is None else list(plan.bounds)
+
+    # -- links: each is a `with` around the runs it carries
+    def over(self, link):
+        """ISO's reduces and stock's synchronous ones over `link` for one `with` block."""
+        from iso_megatron.comm import TorchDistReducer, use_reducer
+        from iso_megatron.emulated import emulate
+        from iso_megatron.proxy import stand_in
+
+        if self.link_mode == "emulated":
+            return emulate(link)
+        if self.link_mode == "proxy":
+            return stand_in(link, self.tp)
+        return use_reducer(TorchDistReducer)  # real: the process group's own, stock's too
+
+    @contextmanager
+    def no_comm(self):
+        """Communication skipped (compute-only runs): ISO's and stock's reduces over a link that
+        neither communicates nor takes time; under the proxy ISO still plans as its TP size."""
+        from iso_megatron.comm import stand_in_tp
+        from iso_megatron.emulated import emulate, no_comm_link
+
+        with emulate(no_comm_link()), (stand_in_tp(self.tp) if self.link_mode == "proxy" else nullcontext()):
+            yield
+
+    def make_link(self, profile, s, stock_compute_s):
+        """(link, its LinkModel or None) for one profile and prompt length."""
+        from iso_megatron.emulated import EmulatedLink, LinkModel
+        from iso_megatron.proxy import ProxyLink
+
+        a = self.args
+        if self.link_mode == "emulated":
+            if self.tp < 2:
+                return EmulatedLink(LinkModel(), real=a.real), LinkModel()  # TP 1: no all-reduce at all
+            model = cm.link_for_profile(profile, s, a.micro_batch_size, stock_compute_s, a.num_layers,
+                                        a.hidden_size, self.esize)
+            return EmulatedLink(model, real=a.real, max_bytes=s * a.micro_batch_size * a.hidden_size * self.esize), model
+        if self.link_mode == "proxy":
+            return ProxyLink(self.device), None
+        return None, None
+
     # -- timing
-    def sync(self):
+    def barrier(self):
         if self.device == "cuda":
             torch.cuda.synchronize()
-
-    def barrier(self):
-        self.sync()
         if self.world > 1:
             dist.barrier()
 
@@ -312,70 +331,36 @@ class Bench:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.cpu().tolist()
 
-    def timed(self, fn, reps, drain=None):
-        times = []
-        out = None
-        with torch.no_grad():
-            for _ in range(reps):
-                self.barrier()
-                t0 = time.perf_counter()
-                out = fn()
-                if drain:
-                    drain()
-                self.sync()
-                times.append(time.perf_counter() - t0)
-        return self.max_over_ranks(times), out
+    def timed(self, fn, repeats, warmup=0):
+        """ms of each repetition of `fn`, max over ranks (`cli.time_ms`; every clock read after
+        a barrier, and CUDA synchronised)."""
+        return self.max_over_ranks(cli.time_ms(fn, repeats, warmup, sync=self.barrier))
 
-    def peak(self, fn, drain=None):
-        if self.args.no_memory:
-            return None
+    def peak(self, fn):
         self.barrier()
-        with torch.no_grad(), PeakMemory(self.device) as pm:
+        with PeakMemory(self.device) as pm:
             fn()
-            if drain:
-                drain()
         return pm.peak
 
-    # -- links
-    def comm_context(self, link):
-        """Both ISO's reduces and stock's synchronous ones over `link` (None: the real group)."""
-        from iso_megatron.comm import use_reducer
-        from iso_megatron.emulated import EmulatedLink, emulate
-
-        if link is None:
-            return nullcontext()
-        if isinstance(link, EmulatedLink):
-            return emulate(link)
-
-        @contextmanager
-        def ctx():
-            with use_reducer(link), link.stock_reduces(), pretend_tp(2):
-                yield link
-                link.drain()
-        return ctx()
-
     def measure_comm(self, link, nbytes_list):
-        """Seconds of the given transfers one after another, each on its own (real/proxy links)."""
+        """ms of the given transfers one after another, each timed on its own (real/proxy links)."""
         from iso_megatron.comm import make_reducer
-        from megatron.core import parallel_state
 
-        group = parallel_state.get_tensor_model_parallel_group()
-        reducer = link(group) if link is not None else make_reducer(group)
-        total = 0.0
-        cache = {}
-        for nbytes in nbytes_list:
-            if nbytes not in cache:
-                t = torch.zeros(nbytes // self.esize, dtype=self.dtype,
-                                device="cuda" if self.device == "cuda" else "cpu")
-                times, _ = self.timed(lambda: reducer.start(t).wait(), 4)
-                cache[nbytes] = statistics.median(times[1:])
-            total += cache[nbytes]
+        total, cache = 0.0, {}
+        with self.over(link):
+            reducer = make_reducer(self.group)
+            for nbytes in nbytes_list:
+                if nbytes not in cache:
+                    t = torch.zeros(nbytes // self.esize, dtype=self.dtype,
+                                    device="cuda" if self.device == "cuda" else "cpu")
+                    cache[nbytes] = cli.median(self.timed(lambda: reducer.start(t).wait(), 3, warmup=1))
+                total += cache[nbytes]
         return total
 
     # -- one prompt length
     def inputs(self, s):
         g = torch.Generator().manual_seed(s)  # identical on every rank
-        b, h = self.args.batch, self.args.hidden_size
+        b, h = self.args.micro_batch_size, self.args.hidden_size
         dev = "cuda" if self.device == "cuda" else "cpu"
         x = (torch.randn(s, b, h, generator=g) * 0.5).to(dev, self.dtype)
         ids = torch.zeros(b, s, dtype=torch.long, device=dev)
@@ -385,108 +370,58 @@ class Bench:
         mask = causal_mask(s, device=dev)
         return lambda: self.model(ids, pos, mask, decoder_input=x)
 
-    def iso_config(self, split, bounds=None):
-        from iso_megatron import ISOConfig
-
-        if bounds is not None:  # replay exact boundaries (compute-only pass of an auto plan)
-            s = bounds[-1]
-            return ISOConfig(num_chunks=len(bounds) - 1, split=tuple((e - a) / s for a, e in zip(bounds, bounds[1:])),
-                             min_tokens=0)
-        if split is None:
-            return None
-        if split == "auto":
-            return ISOConfig(num_chunks=self.args.max_chunks, split="auto", min_tokens=0)
-        return ISOConfig(num_chunks=self.args.num_chunks, split=split, min_tokens=0)
-
-    def bounds_for(self, split, s):
-        from iso_megatron import autosplit
-        from iso_megatron.split import TokenCost, chunk_boundaries
-
-        c = self.config
-        if self.tp < 2:
-            return None  # TP 1: ISO steps aside (nothing to overlap), as plan_prefill does
-        if split == "auto":
-            return autosplit.last["boundaries"] if autosplit.last else None
-        cost = TokenCost.from_dims(c.hidden_size, c.ffn_hidden_size,
-                                   c.kv_channels * (c.num_query_groups or c.num_attention_heads),
-                                   c.gated_linear_unit)
-        b = chunk_boundaries(s, self.args.num_chunks, split, cost)
-        return b if len(b) > 2 else None
-
-    def compute_only(self, fwd, iso):
-        """Stock prefill time with communication skipped: the least disturbed of a few runs
+    def compute_only(self, fwd):
+        """Stock prefill time (s) with communication skipped: the least disturbed of a few runs
         (it sets the emulated link's speed, so a noisy run would skew every ratio)."""
-        from iso_megatron.emulated import emulate, no_comm_link
-
-        self.set_iso(iso)
-        with emulate(no_comm_link()), (pretend_tp(2) if self.link_mode == "proxy" else nullcontext()):
-            times, _ = self.timed(fwd, self.args.warmup + self.args.compute_reps)
-        return min(times[self.args.warmup:])
-
-    def make_link(self, profile, s, stock_compute_s):
-        from iso_megatron.emulated import EmulatedLink, LinkModel, link_for_profile
-
-        a = self.args
-        if self.link_mode == "emulated" and self.tp < 2:
-            return EmulatedLink(LinkModel(), real=a.real), LinkModel()  # TP 1: no all-reduce at all
-        if self.link_mode == "emulated":
-            model = link_for_profile(profile, s, a.batch, stock_compute_s, a.num_layers, a.hidden_size, self.esize)
-            return EmulatedLink(model, real=a.real, max_bytes=s * a.batch * a.hidden_size * self.esize), model
-        if self.link_mode == "proxy":
-            return ProxyLink(self.device), None
-        return None, None
+        self.set_iso(None)
+        with self.no_comm():
+            times = self.timed(fwd, self.args.compute_reps, warmup=self.args.timing_warmup)
+        return min(times) / 1e3
 
     def run_profile(self, profile, s, fwd, stock_compute_s):
         """Baseline and every split under one link, interleaved rep by rep (so that a noisy
         machine slows them alike), each next to its compute-only twin."""
-        from iso_megatron import autosplit
-        from iso_megatron.emulated import emulate, no_comm_link
+        from iso_megatron.calibrate import calibrate, clear_cache
 
         a, L = self.args, self.args.num_layers
-        b, h = a.batch, a.hidden_size
+        b, h = a.micro_batch_size, a.hidden_size
         full_bytes = s * b * h * self.esize
         link, link_model = self.make_link(profile, s, stock_compute_s)
-        autosplit.clear_cache()
-        drain = getattr(link, "drain", None)
-        splits = [x.strip() for x in a.splits.split(",") if x.strip()]
-        tp_ctx = (lambda: pretend_tp(2)) if self.link_mode == "proxy" else nullcontext
+        clear_cache()
+        splits = _names(a.splits)
+        configs = {"baseline": None, **{split: self.iso_config(split) for split in splits}}
 
-        # warm-up: every configuration once; auto calibrates and plans here (collectively)
-        configs = {"baseline": None}
-        bounds, auto_info, outs = {"baseline": None}, None, {}
-        for split in splits:
-            configs[split] = self.iso_config(split)
+        # warm-up: every configuration; auto calibrates and plans here (collectively)
+        bounds, plans, outs = {"baseline": None}, {}, {}
         for name, iso in configs.items():
             self.set_iso(iso)
-            with self.comm_context(link), tp_ctx():
-                _, outs[name] = self.timed(fwd, max(a.warmup, 1), drain)
-                if name != "baseline":
-                    bounds[name] = self.bounds_for(name, s)
-                    if name == "auto" and autosplit.last:
-                        auto_info = dict(autosplit.last)
-                cal = autosplit.calibrate(self.config, s, b, self.tp)
+            with self.over(link):
+                for _ in range(max(a.timing_warmup, 1)):
+                    outs[name] = fwd()
+                if iso is not None:
+                    plans[name], bounds[name] = self.model.decoder.iso_plan, self.ran()
+                cal = calibrate(self.shape, self.env, s, b, self.tp)
         # compute-only twins replay the exact boundaries (an auto plan is not re-planned)
-        compute_cfg = {name: (self.iso_config(name, bounds[name]) if bounds[name] else None) for name in configs}
+        twins = {name: self.iso_config(None, bounds[name]) if bounds[name] else None for name in configs}
         times = {name: [] for name in configs}
         ctimes = {name: [] for name in configs}
-        for _ in range(a.reps):
+        for _ in range(a.timing_repeats):
             for name in configs:
-                self.set_iso(configs[name])
-                with self.comm_context(link), tp_ctx():
-                    t, _ = self.timed(fwd, 1, drain)
-                times[name] += t
-                self.set_iso(compute_cfg[name])
-                with emulate(no_comm_link()), tp_ctx():
-                    t, _ = self.timed(fwd, 1)
-                ctimes[name] += t
-        med = {n: statistics.median(v) * 1e3 for n, v in times.items()}
-        cmed = {n: statistics.median(v) * 1e3 for n, v in ctimes.items()}
+                for cfg, ctx, out in ((configs[name], self.over(link), times),
+                                      (twins[name], self.no_comm(), ctimes)):
+                    self.set_iso(cfg)
+                    with ctx:
+                        out[name] += self.timed(fwd, 1)
+                    if cfg is not None and self.ran() != bounds[name]:
+                        raise RuntimeError(f"{name}: ran {self.ran()}, planned {bounds[name]}")
+        med = {n: cli.median(v) for n, v in times.items()}
+        cmed = {n: cli.median(v) for n, v in ctimes.items()}
         base_ms = med["baseline"]
         ref = outs["baseline"].float()
         if link_model is not None:
             comm = lambda nbytes: 2 * L * sum(link_model.seconds(n) for n in nbytes) * 1e3
         else:
-            comm = lambda nbytes: self.measure_comm(link, list(nbytes) * (2 * L)) * 1e3
+            comm = lambda nbytes: self.measure_comm(link, list(nbytes) * (2 * L))
         base_comm_ms = comm([full_bytes])
         records = []
         for split in splits:
@@ -497,8 +432,10 @@ class Bench:
             iso_ms, compute_ms, comm_ms = med[split], cmed[split], comm(chunk_bytes)
             ideal_ms = max(compute_ms, comm_ms)
             gap = base_ms - ideal_ms
+            plan = plans[split]
             rec = dict(profile=profile if self.link_mode == "emulated" else self.link_mode,
                        seq_len=s, tp=self.tp, split=split, num_chunks=k, boundaries=bd,
+                       plan_reason=plan.reason,
                        baseline_ms=base_ms, iso_ms=iso_ms, compute_ms=compute_ms, comm_ms=comm_ms,
                        ideal_ms=ideal_ms,
                        hidden_fraction=(base_ms - iso_ms) / gap if gap > 0.01 * base_ms else None,
@@ -506,39 +443,31 @@ class Bench:
                        baseline_compute_ms=cmed["baseline"], baseline_comm_ms=base_comm_ms,
                        baseline_ideal_ms=max(cmed["baseline"], base_comm_ms),
                        realized_ratio=base_comm_ms / cmed["baseline"], link_compute_ms=stock_compute_s * 1e3,
-                       baseline_times_ms=[t * 1e3 for t in times["baseline"]],
-                       iso_times_ms=[t * 1e3 for t in times[split]],
+                       baseline_times_ms=times["baseline"], iso_times_ms=times[split],
                        max_rel_err=err, batch=b, device=self.device, link=self.link_mode,
-                       dtype=str(self.dtype).replace("torch.", ""), reps=a.reps)
+                       dtype=str(self.dtype).replace("torch.", ""), reps=a.timing_repeats)
             rec.update(self.model_prediction(s, bd, link_model, cal, base_ms, iso_ms))
             add_overlap_fields(rec)
             if link_model is not None:
-                from iso_megatron.emulated import profile_ratio
-
-                ratio, lat = profile_ratio(profile, s, b)
+                ratio, lat = cm.profile_ratio(profile, s, b)
                 rec.update(target_ratio=ratio, latency_fraction=lat, link_latency_us=link_model.latency_s * 1e6,
                            link_ms_per_mib=link_model.per_byte_s * 2 ** 20 * 1e3)
-            if split == "auto" and auto_info is not None:
-                rec["auto"] = auto_info
+            if split == "auto":
+                rec["auto"] = plan._asdict()
             records.append(rec)
             self.log(rec)
         return records
 
     def model_prediction(self, s, bounds, link_model, cal, base_ms, iso_ms):
         """The cost model on the calibrated machine, this exact link and the same boundaries."""
-        from iso_megatron import costmodel as cm
-
-        shape = cm.ModelShape.from_megatron_config(self.config)
         if link_model is not None:
-            per_byte = max(link_model.per_byte_s, 1e-18)
-            clink = cm.LinkProfile("emulated", link_model.latency_s * 1e6,
-                                   2 * (self.tp - 1) / self.tp / per_byte / 1e9)
+            clink = cm.LinkProfile.from_per_byte("emulated", link_model.latency_s, link_model.per_byte_s, self.tp)
         else:
             clink = cal.link()
-        p = cm.predict(shape, cal.device(), clink, self.tp, s, self.args.batch, boundaries=bounds or [0, s],
-                       dtype_bytes=self.esize)
-        return dict(calibration=cal._asdict(), model_baseline_ms=p.baseline_ms, model_iso_ms=p.iso_ms, model_compute_ms=p.compute_ms,
-                    model_comm_ms=p.comm_ms, model_error=p.iso_ms / iso_ms - 1,
+        p = cm.predict(self.shape, cal.device(), clink, self.tp, s, self.args.micro_batch_size,
+                       boundaries=bounds or [0, s], dtype_bytes=self.esize)
+        return dict(calibration=cal._asdict(), model_baseline_ms=p.baseline_ms, model_iso_ms=p.iso_ms,
+                    model_compute_ms=p.compute_ms, model_comm_ms=p.comm_ms, model_error=p.iso_ms / iso_ms - 1,
                     model_baseline_error=p.baseline_ms / base_ms - 1)
 
     def log(self, rec):
@@ -556,26 +485,23 @@ class Bench:
     def memory_pass(self, records):
         """Peak memory of baseline and of each plan measured, once per (prompt, boundaries),
         after all timing (the malloc setting it needs would slow the timed runs)."""
-        if self.args.no_memory:
-            return
         from iso_megatron.emulated import EmulatedLink
+        from iso_megatron.proxy import ProxyLink
 
-        link = EmulatedLink(real=self.args.real, max_bytes=max(self.seq_lens()) * self.args.batch
-                            * self.args.hidden_size * self.esize) if self.link_mode == "emulated" else \
-            ProxyLink(self.device) if self.link_mode == "proxy" else None
-        drain = getattr(link, "drain", None)
-        tp_ctx = (lambda: pretend_tp(2)) if self.link_mode == "proxy" else nullcontext
+        a = self.args
+        link = (EmulatedLink(real=a.real, max_bytes=max(_ints(a.seq_lens)) * a.micro_batch_size * a.hidden_size
+                             * self.esize) if self.link_mode == "emulated" else
+                ProxyLink(self.device) if self.link_mode == "proxy" else None)
         cache = {}
-        for s in self.seq_lens():
+        for s in _ints(a.seq_lens):
             fwd = self.inputs(s)
             plans = [None] + [tuple(r["boundaries"]) for r in records if r["seq_len"] == s and r["boundaries"]]
             for bd in dict.fromkeys(plans):
                 self.set_iso(self.iso_config(None, list(bd)) if bd else None)
-                with self.comm_context(link), tp_ctx():
-                    with torch.no_grad():
-                        fwd()
-                    peaks = [self.peak(fwd, drain)]
-                cache[(s, bd)] = self.max_over_ranks([min(peaks)])[0]
+                with self.over(link):
+                    fwd()
+                    peak = self.peak(fwd)
+                cache[(s, bd)] = self.max_over_ranks([peak])[0]
         for r in records:
             base = cache[(r["seq_len"], None)]
             iso = cache[(r["seq_len"], tuple(r["boundaries"]) if r["boundaries"] else None)]
@@ -584,18 +510,17 @@ class Bench:
 
     def run(self):
         a = self.args
-        profiles = [p.strip() for p in a.profiles.split(",") if p.strip()]
-        if self.link_mode != "emulated":
-            profiles = [self.link_mode]
+        profiles = _names(a.profiles) if self.link_mode == "emulated" else [self.link_mode]
         records = []
-        for s in self.seq_lens():
-            fwd = self.inputs(s)
-            for profile in profiles:
-                # measured again right before each profile: the link's speed follows from it
-                stock_compute_s = self.compute_only(fwd, None)
-                records += self.run_profile(profile, s, fwd, stock_compute_s)
-        self.memory_pass(records)
-        if self.rank == 0:
+        with torch.no_grad():
+            for s in _ints(a.seq_lens):
+                fwd = self.inputs(s)
+                for profile in profiles:
+                    # measured again right before each profile: the link's speed follows from it
+                    records += self.run_profile(profile, s, fwd, self.compute_only(fwd))
+            if not a.no_memory:
+                self.memory_pass(records)
+        if self.rank == 0 and not a.no_memory:
             for r in records:
                 print(f"[bench] memory {r['profile']:>18} s={r['seq_len']:5d} {r['split']:>8} "
                       f"peak ratio {r['peak_mem_ratio']}", flush=True)
@@ -686,16 +611,24 @@ def summarize(records) -> str:
 
 
 def main(argv=None):
-    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--summarize":
-        with open(sys.argv[2]) as f:
+    args = parse_args(argv)
+    if args.summarize:
+        with open(args.summarize) as f:
             print(summarize(json.load(f)))
         return
-    args = parse_args(argv)
-    rank, world = init_distributed(args.device)
+    from iso_megatron.runtime import init_process_group, shutdown
+
+    try:  # every exit, success or error, tears the process groups down in order
+        init_process_group(args.device)
+        _main(args, dist.get_rank(), dist.get_world_size())
+    finally:
+        shutdown()
+
+
+def _main(args, rank, world):
     if args.device == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
-    bench = Bench(args, rank, world)
-    records = bench.run()
+    records = Bench(args, rank, world).run()
     if rank == 0:
         if args.output_json:
             os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
@@ -705,9 +638,6 @@ def main(argv=None):
         if args.plot:
             if plot(records, args.plot):
                 print(f"[bench] wrote {args.plot}", flush=True)
-    if world > 1:
-        dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -3,8 +3,7 @@
     python launch/costmodel_table.py > docs/paper_settings.md
 """
 
-import os
-import sys
+from iso_megatron import costmodel as cm
 
 PAPER = {"4090": "about -35%", "a800": "about -15%"}  # ISO paper (arXiv 2409.11155), 30B/70B
 MEMORY_GB = {"4090": 24, "a800": 80}
@@ -16,9 +15,6 @@ def pct(ms, base):
 
 
 def main():
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from iso_megatron import costmodel as cm
-
     out = print
     out("# ISO at the paper's settings: cost-model predictions\n")
     out("These are **predictions of `iso_megatron.costmodel`**, not measurements. The model simulates "
@@ -41,7 +37,7 @@ def main():
         f"{m.num_query_groups} KV groups, FFN {m.ffn_hidden}{' gated' if m.gated else ''}"
         for k, m in cm.MODELS.items()) + ".\n")
     out("Columns: M/C = all-reduce / compute time of the unsplit prompt; *even* and *balanced* = two "
-        "chunks (`split.chunk_boundaries`); *auto* = `costmodel.best_plan` (K <= 4 chunks, first boundary "
+        "chunks (`planner.chunk_boundaries`); *auto* = `costmodel.best_plan` (K <= 4 chunks, first boundary "
         "searched, the rest balanced; K = 1 means no split); plan = chunk boundaries in tokens. "
         "Percentages are against the baseline (stock Megatron, every all-reduce waited at once). "
         "The paper column is the reduction the ISO paper reports for that GPU (30B and 70B, per the "

@@ -18,7 +18,6 @@ import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", category=UserWarning)
 
 # A ~600-byte prompt: over ISO's default min_tokens (512), so the embedded default shows ISO.
@@ -45,8 +44,6 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=0.0)
     g.add_argument("--compare-baseline", action="store_true",
                    help="also time stock prefill on the same input; report the largest logit difference")
-    g.add_argument("--timing-repeats", type=int, default=5,
-                   help="--compare-baseline: median of this many prefills each way")
     g.add_argument("--output-json", metavar="PATH")
     g.add_argument("--save-logits", metavar="PATH", help="torch.save the prefill logits [s, vocab] of each prompt")
     g.add_argument("--deepspeed", action="store_true", help="wrap the model in DeepSpeed's inference engine")
@@ -62,8 +59,8 @@ def fail(parser, msg: str):
 
 def prepare_args(argv=None):
     """Parse and check everything that needs no process group: every rank fails alike."""
-    from iso_megatron import ISOConfig
-    from iso_megatron import args as margs
+    from iso_megatron import ISOConfig, cli
+    from iso_megatron.megatron import args as margs
 
     argv = sys.argv[1:] if argv is None else argv
     embedded = not any(a == "--load" or a.startswith("--load=") for a in argv)
@@ -80,7 +77,7 @@ def prepare_args(argv=None):
         if not os.path.isdir(args.load):
             fail(parser, f"--load {args.load}: no such directory")
         if args.use_checkpoint_args:
-            from iso_megatron.checkpoint import checkpoint_args
+            from iso_megatron.megatron.checkpoint import checkpoint_args
 
             try:
                 stored = checkpoint_args(args.load, tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -101,7 +98,7 @@ def prepare_args(argv=None):
     if args.micro_batch_size != 1:
         fail(parser, "--micro-batch-size: prompts are run one at a time; only 1 is supported")
     try:
-        args.iso_config = margs.iso_config_from_args(args)
+        args.iso_config = cli.iso_config_from_args(args)
     except ValueError as e:
         fail(parser, str(e))
     args.ds_config = {}
@@ -200,34 +197,29 @@ def prompt_token_ids(args, tokenizer, parser):
 
 
 def init_distributed(args):
+    """Process group (iso_megatron.runtime), CPU shims, Megatron's parallel state, seeds."""
     import torch
-    import torch.distributed as dist
     from megatron.core import parallel_state, tensor_parallel
 
     from iso_megatron import apply_cpu_shims
+    from iso_megatron.runtime import init_process_group
 
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
+    if not cuda:
         apply_cpu_shims()
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python launch/infer.py`: one process
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
-        dist.init_process_group("nccl" if cuda else "gloo")
+    device = init_process_group("cuda" if cuda else "cpu")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size)
     torch.manual_seed(args.seed)
     if cuda:
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return device
 
 
 def build_model(args, device):
     from megatron.core.models.gpt import GPTModel
 
     from iso_megatron import apply_iso, get_gpt_layer_iso_spec
-    from iso_megatron.args import transformer_config
+    from iso_megatron.megatron.args import transformer_config
 
     config = transformer_config(args)
     if args.transformer_impl == "transformer_engine":
@@ -245,7 +237,7 @@ def build_model(args, device):
                      rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
                      share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
     if args.load:
-        from iso_megatron.checkpoint import load_checkpoint
+        from iso_megatron.megatron.checkpoint import load_checkpoint
 
         load_checkpoint(model, args.load, ckpt_format=args.ckpt_format)
     model = model.to(device).eval()
@@ -262,7 +254,7 @@ def run(args, tokenizer, device, rank: int) -> dict:
     from tqdm import tqdm
 
     from iso_megatron import ISOConfig, apply_iso
-    from iso_megatron.generate import generate, time_prefill
+    from iso_megatron.megatron.generate import generate, time_prefill
 
     mcore = getattr(args, "_mcore_model", None)
     results, all_logits = [], []
@@ -270,7 +262,7 @@ def run(args, tokenizer, device, rank: int) -> dict:
                disable=rank != 0, file=sys.stderr)
     for ids in args.prompt_ids:
         time_prefill(args.model, ids, device)  # warm-up, excluded from the timings
-        bounds = getattr(mcore.decoder, "last_bounds", None)  # None: the stock path ran
+        plan = getattr(mcore.decoder, "iso_plan", None)  # what that prefill ran (None: stock model)
         gen = generate(args.model, ids, args.num_tokens_to_generate, args.temperature, args.top_k,
                        args.top_p, args.seed, getattr(tokenizer, "eod", None) if args.temperature else None,
                        args.max_position_embeddings, device, progress=bar)
@@ -279,7 +271,8 @@ def run(args, tokenizer, device, rank: int) -> dict:
                    decode_ms_per_token=round(gen.decode_ms_per_token, 3))
         if tokenizer is not None:
             rec["generated_text"] = detokenize(tokenizer, gen.generated_token_ids)
-        rec["iso_chunk_bounds"] = bounds
+        rec["iso_chunk_bounds"] = None if plan is None or plan.bounds is None else list(plan.bounds)
+        rec["iso_plan_reason"] = "stock model (--no-iso)" if plan is None else plan.reason
         all_logits.append(gen.prefill_logits.cpu())
         if args.compare_baseline:
             iso_ms, iso_logits = time_prefill(args.model, ids, device, args.timing_repeats)
@@ -306,6 +299,15 @@ def run(args, tokenizer, device, rank: int) -> dict:
 
 def main(argv=None) -> int:
     args, tokenizer = prepare_args(argv)
+    from iso_megatron.runtime import shutdown
+
+    try:  # every exit, success or error, tears the process groups down in order
+        return _main(args, tokenizer)
+    finally:
+        shutdown()
+
+
+def _main(args, tokenizer) -> int:
     import torch.distributed as dist
     from tqdm import tqdm
 
@@ -339,6 +341,8 @@ def main(argv=None) -> int:
             with open(args.output_json, "w") as f:
                 json.dump(r, f, indent=1)
     return 0
+
+
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ What importing this module does (nothing else):
    unknown keys forbidden, values checked by the same rules as `ISOConfig`), so a bad value is a
    pydantic ValidationError from `init_inference` on every rank, like any DeepSpeed config error.
 2. `InferenceEngine.__init__` applies ISO after DeepSpeed has built the engine when `iso` is given
-   and enabled: Hugging Face models under AutoTP -> `iso_megatron.hf.apply_iso_hf`; megatron-core
+   and enabled: Hugging Face models under AutoTP -> `iso_megatron.patches.hf_autotp.apply_iso_hf`; megatron-core
    models (DeepSpeed tp_size 1, TP from Megatron's parallel state) -> `iso_megatron.apply_iso`.
    Without `iso`, or with `"enabled": false`, the engine is built exactly as before.
 3. DeepSpeed's shared-memory all-reduce on CPU (AutoTP's LinearAllreduce) needs LOCAL_SIZE == world
@@ -63,7 +63,7 @@ from deepspeed.runtime.config_utils import DeepSpeedConfigModel  # noqa: E402
 from pydantic import StrictBool, StrictInt, model_validator  # noqa: E402
 from pydantic.fields import FieldInfo  # noqa: E402
 
-from iso_megatron.config import DEFAULT_MIN_TOKENS, ISOConfig  # noqa: E402
+from iso_megatron.config import ISOConfig  # noqa: E402
 
 
 def guard_shm(backend) -> None:
@@ -84,7 +84,8 @@ def guard_shm(backend) -> None:
 # ---- 1. the "iso" config field -------------------------------------------------------------
 
 class DeepSpeedISOConfig(DeepSpeedConfigModel):
-    """The `"iso"` section of a DeepSpeed inference config (see iso_megatron.ISOConfig)."""
+    """The `"iso"` section of a DeepSpeed inference config: iso_megatron.ISOConfig's fields,
+    defaults and rules (a key left out takes ISOConfig's default)."""
 
     enabled: StrictBool = True
     """ Turn intra-sequence overlap of the tensor-parallel all-reduces in prefill on/off. """
@@ -92,11 +93,16 @@ class DeepSpeedISOConfig(DeepSpeedConfigModel):
     num_chunks: Optional[StrictInt] = None
     """ Chunks the prompt is split into (>= 1; default 2, or the number of explicit fractions). """
 
-    split: Union[str, List[float]] = "balanced"
+    split: Union[str, List[float]] = ISOConfig.split
     """ "even", "balanced" (equal compute per chunk), "auto", or a list of fractions summing to 1. """
 
-    min_tokens: StrictInt = DEFAULT_MIN_TOKENS
-    """ Prompts with fewer tokens run the stock path. """
+    min_tokens: Optional[StrictInt] = None
+    """ Prompts with fewer tokens run the stock path (default 512; with "auto" the cost model's). """
+
+    def __init__(self, strict: bool = True, **data):
+        # DeepSpeedConfigModel drops every key whose value is "auto" (its placeholder for values
+        # filled in later) unless strict: here "auto" is a value of "split", so keep it.
+        super().__init__(strict=strict, **data)
 
     @model_validator(mode="after")
     def _iso_rules(self):
@@ -153,7 +159,7 @@ def apply_to_engine(engine, iso_config: ISOConfig):
 
         apply_iso(module, iso_config)
     else:
-        from iso_megatron.hf import apply_iso_hf
+        from iso_megatron.patches.hf_autotp import apply_iso_hf
 
         apply_iso_hf(module, iso_config)
     engine.iso_config = iso_config
@@ -208,7 +214,7 @@ def init_inference_megatron(model, config=None, **kwargs):
     (DeepSpeed's default would cast to fp16). The `"iso"` section becomes
     `iso_megatron.apply_iso(model, ISOConfig(...))`. Returns the DeepSpeed InferenceEngine.
     """
-    from iso_megatron import compat
+    from iso_megatron.megatron import compat
 
     if config is None:
         config = {}

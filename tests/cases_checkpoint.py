@@ -17,7 +17,7 @@ from tests import ckpt_fixtures as fx
 def build_iso(family: str, seed: int = 999, **cfg):
     """An ISO model (ISO layer spec) with weights unlike the saved ones until loaded."""
     from iso_megatron import get_gpt_layer_iso_spec
-    from iso_megatron.models import build_gpt, model_config
+    from iso_megatron.megatron.models import build_gpt, model_config
 
     build = {k: cfg.pop(k) for k in ("share_embeddings_and_output_weights",) if k in cfg}
     torch.manual_seed(seed)
@@ -36,7 +36,7 @@ def _dir(root, *parts):
 def matrix(root: str, families, formats, saved_tps, load_tps):
     """Save every (family, format, saved TP); load each at every load TP into an ISO model."""
     from iso_megatron import ISOConfig, apply_iso
-    from iso_megatron.checkpoint import checkpoint_args, find_checkpoint, load_checkpoint
+    from iso_megatron.megatron.checkpoint import checkpoint_args, find_checkpoint, load_checkpoint
 
     refs = {}
     for saved in saved_tps:
@@ -83,7 +83,7 @@ def _catch(fn):
 
 def errors(root: str):
     """Every wrong or damaged input: the exception each rank raised (None = loaded)."""
-    from iso_megatron.checkpoint import checkpoint_args, load_checkpoint
+    from iso_megatron.megatron.checkpoint import checkpoint_args, load_checkpoint
 
     rank = dist.get_rank()
     dirs = {name: _dir(root, name) for name in

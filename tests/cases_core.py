@@ -9,22 +9,16 @@ warnings.filterwarnings("ignore")
 
 import torch
 
+from tests.ranks import AllReduceSpy, rel_err, setup_megatron
 
-def setup(tp: int):
-    from megatron.core import parallel_state
 
-    from iso_megatron import apply_cpu_shims
-
-    apply_cpu_shims()
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    torch.manual_seed(1234)
+setup = setup_megatron
 
 
 def build_pair(family: str, tp: int, **cfg):
     """A stock GPTModel and an ISO one (ISO layer spec + apply_iso) with identical weights."""
     from iso_megatron import apply_iso, get_gpt_layer_iso_spec
-    from iso_megatron.models import build_gpt, model_config
+    from iso_megatron.megatron.models import build_gpt, model_config
 
     config = model_config(family, **cfg)
     torch.manual_seed(42)
@@ -33,10 +27,6 @@ def build_pair(family: str, tp: int, **cfg):
     iso.load_state_dict(stock.state_dict(), strict=True)
     apply_iso(iso)
     return stock, iso
-
-
-def rel_err(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def logits_matrix(family: str, tp: int, seq_lens, batches, chunks, splits):
@@ -57,7 +47,7 @@ def logits_matrix(family: str, tp: int, seq_lens, batches, chunks, splits):
                         apply_iso(iso, ISOConfig(num_chunks=k, split=split, min_tokens=0))
                         got = iso(ids, pos, causal_mask(s))
                         out.append(dict(seq=s, batch=b, k=k, split=split, err=rel_err(got, ref),
-                                        bounds=iso.decoder.last_bounds))
+                                        bounds=iso.decoder.iso_plan.bounds))
     return out
 
 
@@ -81,12 +71,12 @@ def variants(family: str, tp: int):
         # and ignored by callers; every real position must agree.
         real = torch.ones(b, s, dtype=torch.bool)
         real[1, :5] = False
-        out["per_sample_mask"] = dict(err=rel_err(got[real], ref[real]), bounds=iso.decoder.last_bounds)
+        out["per_sample_mask"] = dict(err=rel_err(got[real], ref[real]), bounds=iso.decoder.iso_plan.bounds)
         stock, iso = (m.bfloat16() for m in build_pair(family, tp))
         apply_iso(iso, ISOConfig(num_chunks=2, min_tokens=0))
         got, ref = iso(ids, pos, causal_mask(s)), stock(ids, pos, causal_mask(s))
         out["bf16"] = dict(err=rel_err(got.float(), ref.float()), dtype=str(got.dtype),
-                           bounds=iso.decoder.last_bounds)
+                           bounds=iso.decoder.iso_plan.bounds)
     return out
 
 
@@ -102,7 +92,8 @@ def greedy(model, ids, steps: int, max_len: int):
     logits = model(ids, torch.arange(s)[None].expand(b, s), full[..., :s, :s], inference_context=ctx,
                    runtime_gather_output=True)
     prefill = logits
-    bounds = getattr(model.decoder, "last_bounds", None)  # chunks of this prefill (None: stock)
+    plan = getattr(model.decoder, "iso_plan", None)  # chunks of this prefill (None: stock)
+    bounds = None if plan is None else plan.bounds
     # positions >= s are unwritten (torch.empty) until decode writes them
     kv = {k: (v[0][:s].clone(), v[1][:s].clone()) for k, v in ctx.key_value_memory_dict.items()}
     tokens = []
@@ -142,43 +133,21 @@ def kv_and_decode(family: str, tp: int, seq_lens, batches, chunks):
 
 def event_order(family: str, tp: int, seq_len: int, num_chunks: int):
     """Record compute (module hooks) and all-reduce issue/wait (torch.distributed) in order."""
-    import torch.distributed as dist
-
     from iso_megatron import ISOConfig, apply_iso, causal_mask
 
     setup(tp)
     _, iso = build_pair(family, tp)
     apply_iso(iso, ISOConfig(num_chunks=num_chunks, split="even", min_tokens=0))
-    events = []
-    iso.decoder.register_forward_pre_hook(lambda m, a: events.append(("decoder_begin",)))
-    iso.decoder.register_forward_hook(lambda m, a, o: events.append(("decoder_end",)))
-    for layer in iso.decoder.layers:
-        for part, mod in (("attn", layer.self_attention.linear_qkv), ("mlp", layer.mlp.linear_fc1)):
-            mod.register_forward_pre_hook(
-                lambda m, a, n=layer.layer_number, p=part: events.append(("compute", n, p, a[0].size(0))))
-    real_all_reduce = dist.all_reduce
-
-    class Handle:
-        def __init__(self, work, i):
-            self.work, self.i = work, i
-
-        def wait(self):
-            events.append(("wait", self.i))
-            return self.work.wait()
-
-    def recording_all_reduce(tensor, *args, async_op=False, **kwargs):
-        work = real_all_reduce(tensor, *args, async_op=async_op, **kwargs)
-        i = sum(e[0] in ("issue", "sync") for e in events)
-        events.append(("issue" if async_op else "sync", i))
-        return Handle(work, i) if async_op else work
-
-    dist.all_reduce = recording_all_reduce
-    try:
-        with torch.no_grad():
-            ids = torch.randint(0, 256, (1, seq_len))
-            iso(ids, torch.arange(seq_len)[None], causal_mask(seq_len))
-    finally:
-        dist.all_reduce = real_all_reduce
+    with AllReduceSpy() as spy, torch.no_grad():
+        events = spy.events  # compute events join the spy's all-reduce events, in call order
+        iso.decoder.register_forward_pre_hook(lambda m, a: events.append(("decoder_begin",)))
+        iso.decoder.register_forward_hook(lambda m, a, o: events.append(("decoder_end",)))
+        for layer in iso.decoder.layers:
+            for part, mod in (("attn", layer.self_attention.linear_qkv), ("mlp", layer.mlp.linear_fc1)):
+                mod.register_forward_pre_hook(
+                    lambda m, a, n=layer.layer_number, p=part: events.append(("compute", n, p, a[0].size(0))))
+        ids = torch.randint(0, 256, (1, seq_len))
+        iso(ids, torch.arange(seq_len)[None], causal_mask(seq_len))
     return events
 
 
@@ -190,7 +159,7 @@ def bad_inputs(tp: int):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from iso_megatron import ISOConfig, apply_iso, get_gpt_layer_iso_spec
-    from iso_megatron.models import build_gpt, model_config
+    from iso_megatron.megatron.models import build_gpt, model_config
 
     setup(tp)
 
@@ -239,55 +208,43 @@ def bad_inputs(tp: int):
 
 def steps_aside(family: str, tp: int):
     """Where ISO cannot help it runs the stock path: identical output, no async reduce."""
-    import torch.distributed as dist
-
     from iso_megatron import ISOConfig, apply_iso, causal_mask
 
     setup(tp)
     stock, iso = build_pair(family, tp)
-    issued = []
-    real = dist.all_reduce
-
-    def spy(tensor, *args, async_op=False, **kwargs):
-        issued.append(async_op)
-        return real(tensor, *args, async_op=async_op, **kwargs)
-
-    dist.all_reduce = spy
     out = {}
     s = 40
     ids = torch.randint(0, 256, (1, s), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(s)[None]
-    try:
-        with torch.no_grad():
-            ref = stock(ids, pos, causal_mask(s))
-            for name, cfg in {"short_prompt": ISOConfig(min_tokens=s + 1),
-                              "disabled": ISOConfig(enabled=False),
-                              "one_chunk": ISOConfig(num_chunks=1, min_tokens=0)}.items():
-                apply_iso(iso, cfg)
-                issued.clear()
-                got = iso(ids, pos, causal_mask(s))
-                out[name] = dict(equal=bool(torch.equal(got, ref)), async_reduces=sum(issued))
-            apply_iso(iso, ISOConfig(min_tokens=0))
-            iso.train()
-            issued.clear()
+
+    def run(name, cfg=None, check=lambda got, ref: bool(torch.equal(got, ref))):
+        if cfg is not None:
+            apply_iso(iso, cfg)
+        with AllReduceSpy() as spy:
             got = iso(ids, pos, causal_mask(s))
-            out["training"] = dict(equal=bool(torch.equal(got, ref)), async_reduces=sum(issued))
-            iso.eval()
-            issued.clear()
-            got = iso(ids, pos, causal_mask(s))
-            out["iso_control"] = dict(equal=rel_err(got, ref) < 1e-5, async_reduces=sum(issued))
-        apply_iso(iso, ISOConfig(enabled=False))
-        out["stock_classes"] = sorted({type(m).__name__ for m in iso.modules()}) == \
-            sorted({type(m).__name__ for m in stock.modules()})
-    finally:
-        dist.all_reduce = real
+        out[name] = dict(equal=check(got, ref), async_reduces=spy.async_ops,
+                         plan=getattr(iso.decoder, "iso_plan", None))
+
+    with torch.no_grad():
+        ref = stock(ids, pos, causal_mask(s))
+        run("short_prompt", ISOConfig(min_tokens=s + 1))
+        run("disabled", ISOConfig(enabled=False))
+        run("one_chunk", ISOConfig(num_chunks=1, min_tokens=0))
+        apply_iso(iso, ISOConfig(min_tokens=0))
+        iso.train()
+        run("training")
+        iso.eval()
+        run("iso_control", check=lambda got, ref: rel_err(got, ref) < 1e-5)
+    apply_iso(iso, ISOConfig(enabled=False))
+    out["stock_classes"] = sorted({type(m).__name__ for m in iso.modules()}) == \
+        sorted({type(m).__name__ for m in stock.modules()})
     return out
 
 
 def state_dicts(family: str, tp: int):
     """ISO and stock models: same keys and shapes; each loads the other's state dict strictly."""
     from iso_megatron import apply_iso, get_gpt_layer_iso_spec
-    from iso_megatron.models import build_gpt, model_config
+    from iso_megatron.megatron.models import build_gpt, model_config
 
     setup(tp)
     config = model_config(family)
@@ -310,7 +267,7 @@ def state_dicts(family: str, tp: int):
 def spec_only_path(family: str, tp: int, seq_len: int):
     """A model built from the ISO spec without apply_iso: each layer runs the schedule alone."""
     from iso_megatron import ISOConfig, causal_mask, get_gpt_layer_iso_spec
-    from iso_megatron.models import build_gpt, model_config
+    from iso_megatron.megatron.models import build_gpt, model_config
 
     setup(tp)
     config = model_config(family)
@@ -320,13 +277,7 @@ def spec_only_path(family: str, tp: int, seq_len: int):
     iso.load_state_dict(stock.state_dict())
     ids = torch.randint(0, 256, (2, seq_len))
     pos = torch.arange(seq_len)[None].expand(2, seq_len)
-    issued = []
-    import torch.distributed as dist
-    real = dist.all_reduce
-    dist.all_reduce = lambda t, *a, async_op=False, **k: (issued.append(async_op), real(t, *a, async_op=async_op, **k))[1]
-    try:
-        with torch.no_grad():
-            err = rel_err(iso(ids, pos, causal_mask(seq_len)), stock(ids, pos, causal_mask(seq_len)))
-    finally:
-        dist.all_reduce = real
-    return dict(err=err, async_reduces=sum(issued), block=type(iso.decoder).__name__)
+    with torch.no_grad(), AllReduceSpy() as spy:
+        err = rel_err(iso(ids, pos, causal_mask(seq_len)), stock(ids, pos, causal_mask(seq_len)))
+    return dict(err=err, async_reduces=spy.async_ops, block=type(iso.decoder).__name__,
+                layer_plans=[layer.iso_plan for layer in iso.decoder.layers])

@@ -16,6 +16,8 @@ warnings.filterwarnings("ignore")
 
 import torch
 
+from tests.ranks import AllReduceSpy, rel_err
+
 NEW_TOKENS = 6
 VOCAB = 256
 
@@ -66,37 +68,6 @@ def build_hf(family: str, **overrides):
     return model
 
 
-def rel_err(a, b) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-class AllReduceSpy:
-    """Counts async torch.distributed all-reduces (ISO's) and DeepSpeed's synchronous ones."""
-
-    def __enter__(self):
-        import deepspeed.comm as ds_comm
-        import torch.distributed as dist
-
-        self.async_ops = self.sync_ops = 0
-        self._dist, self._ds = dist, ds_comm
-        self._real, self._real_ds = dist.all_reduce, ds_comm.inference_all_reduce
-
-        def all_reduce(tensor, *args, async_op=False, **kwargs):
-            if async_op:
-                self.async_ops += 1
-            return self._real(tensor, *args, async_op=async_op, **kwargs)
-
-        def inference_all_reduce(*args, **kwargs):
-            self.sync_ops += 1
-            return self._real_ds(*args, **kwargs)
-
-        dist.all_reduce, ds_comm.inference_all_reduce = all_reduce, inference_all_reduce
-        return self
-
-    def __exit__(self, *exc):
-        self._dist.all_reduce, self._ds.inference_all_reduce = self._real, self._real_ds
-
-
 def engine_for(model, tp: int, iso=None, **extra):
     import deepspeed
 
@@ -122,7 +93,7 @@ def _generate(model, ids, **kwargs):
 def family_matrix(family: str, tp: int, seq_lens, chunks):
     """Logits, KV cache, greedy tokens and all-reduce counts: DS+ISO vs transformers and DS stock."""
     from iso_megatron import ISOConfig
-    from iso_megatron.hf import ISOLinearAllreduce, apply_iso_hf
+    from iso_megatron.patches.hf_autotp import ISOLinearAllreduce, apply_iso_hf
 
     model = build_hf(family)
     layers = model.config.num_hidden_layers
@@ -181,7 +152,7 @@ def padded_batch(family: str, tp: int):
 def steps_aside(tp: int):
     """Where ISO cannot help the engine runs DeepSpeed's stock path: same logits, no async reduce."""
     from iso_megatron import ISOConfig
-    from iso_megatron.hf import apply_iso_hf, is_iso
+    from iso_megatron.patches.hf_autotp import apply_iso_hf, is_iso
 
     model = build_hf("llama")
     s = 64
@@ -237,7 +208,7 @@ def flag_semantics(tp: int):
     from deepspeed.inference.config import DeepSpeedInferenceConfig
 
     from iso_megatron import ISOConfig
-    from iso_megatron.hf import apply_iso_hf, is_iso
+    from iso_megatron.patches.hf_autotp import apply_iso_hf, is_iso
 
     model = build_hf("qwen2")
     ids = _ids(33)
@@ -300,6 +271,71 @@ def bad_configs(tp: int):
     return res
 
 
+class HeldLinkReducer:
+    """A slow link for split="auto" to measure: the real all-reduce, its wait() held until
+    `per_byte_s` x bytes after start (the tests' stand-in for a PCIe all-reduce)."""
+
+    per_byte_s = 0.0
+
+    def __init__(self, group):
+        self.group = group
+
+    def start(self, tensor):
+        import time
+
+        import torch.distributed as dist
+
+        work = dist.all_reduce(tensor, group=self.group, async_op=True)
+        done_at = time.perf_counter() + tensor.numel() * tensor.element_size() * self.per_byte_s
+
+        class Handle:
+            def wait(self):
+                work.wait()
+                left = done_at - time.perf_counter()
+                if left > 0:
+                    time.sleep(left)
+        return Handle()
+
+
+def auto_split(tp: int):
+    """split="auto" through DeepSpeed's "iso" key: the stock path where no split is predicted
+    faster (a 7-token prompt), a split where one is (512 tokens on a link whose all-reduces take
+    about as long as the prefill's compute); logits equal to stock DeepSpeed either way."""
+    import time
+
+    from iso_megatron import ISOConfig, comm
+    from iso_megatron.calibrate import clear_cache
+    from iso_megatron.patches.hf_autotp import apply_iso_hf, iso_stacks
+
+    model = build_hf("llama")
+    engine = engine_for(model, tp, iso={"split": "auto"})  # num_chunks, min_tokens: ISOConfig's
+    layers, hidden, long = model.config.num_hidden_layers, model.config.hidden_size, 512
+    out = {"iso": vars(engine.iso_config).copy()}
+    with torch.no_grad():
+        apply_iso_hf(engine, ISOConfig(enabled=False))
+        ids = _ids(long)
+        engine(ids)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(3):
+            ref_long = engine(ids).logits
+        compute_s = (time.perf_counter() - t0) / 3
+        ref_short = engine(_ids(7)).logits
+        apply_iso_hf(engine, ISOConfig(split="auto"))
+        # ratio ~1: the 2 x layers full-prompt all-reduces together take the stock prefill's time
+        HeldLinkReducer.per_byte_s = compute_s / (2 * layers * long * hidden * 4)
+        clear_cache()
+        with comm.use_reducer(HeldLinkReducer):
+            for name, ids, ref in (("short", _ids(7), ref_short), ("long", _ids(long), ref_long)):
+                engine(ids)  # first use of this length: calibrates (its own all-reduces)
+                with AllReduceSpy() as spy:
+                    got = engine(ids).logits
+                plan = iso_stacks(engine)[0].iso_plan
+                out[name] = dict(bounds=plan.bounds, reason=plan.reason, err=rel_err(got, ref),
+                                 async_ops=spy.async_ops)
+    clear_cache()
+    return out
+
+
 def hf_suite(tp: int, families, seq_lens, chunks, extras: bool):
     """All HF cases of one TP size in one start of the ranks."""
     setup()
@@ -309,6 +345,7 @@ def hf_suite(tp: int, families, seq_lens, chunks, extras: bool):
         res["padded"] = {fam: padded_batch(fam, tp) for fam in ("llama", "opt")}
         res["aside"] = steps_aside(tp)
         res["flag"] = flag_semantics(tp)
+        res["auto"] = auto_split(tp)
     return res
 
 
@@ -320,7 +357,7 @@ def megatron_suite(tp: int, seq_lens, chunks):
     from megatron.core import parallel_state
 
     from iso_megatron import ISOConfig, ISOTransformerBlock, apply_cpu_shims, causal_mask
-    from iso_megatron.models import build_gpt, model_config
+    from iso_megatron.megatron.models import build_gpt, model_config
     from iso_megatron.patches.deepspeed import apply_to_engine, init_inference_megatron
 
     apply_cpu_shims()

@@ -1,4 +1,8 @@
-"""Rank-side cases for the performance tests (run through tests.harness.run_ranks)."""
+"""Rank-side cases for the performance tests (run through tests.harness.run_ranks).
+
+perf_group (2 ranks): the emulated link on its own, stock and ISO models over it, the auto
+split's calibration. proxy_group (1 rank): the one-device proxy link and the TP stand-in.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ warnings.filterwarnings("ignore")
 import torch
 import torch.distributed as dist
 
-from tests.cases_core import build_pair, rel_err, setup
+from tests.cases_core import build_pair
+from tests.ranks import rel_err, setup_megatron
 
 
 def _link_cases():
@@ -42,15 +47,14 @@ def _link_cases():
     link(None).start(big).wait()
     out["sum_shm_ring"] = ok and bool(torch.all(big == 3))
 
-    # completion held to the modelled time: 40 ms latency + 8e-9 s/B * 4 MB = 72 ms
-    model = LinkModel(0.040, 8e-9)
-    link = EmulatedLink(model, record=True)
+    # completion held to the modelled time, read off the clock: 40 ms latency + 8e-9 s/B of
+    # 2^20 fp32 (4 MiB) (test_perf compares with the hand-computed 73.55 ms)
+    link = EmulatedLink(LinkModel(0.040, 8e-9), record=True)
     x = torch.ones(1 << 20)
     dist.barrier()
     t0 = time.perf_counter()
     link(None).start(x).wait()
     out["held_s"] = time.perf_counter() - t0
-    out["held_model_s"] = model.seconds(x.numel() * 4)
     out["held_sum_ok"] = bool(torch.all(x == 2))
 
     # in-order queue: three transfers issued back to back, 30 ms each
@@ -78,17 +82,23 @@ def _link_cases():
     return out
 
 
+def _inputs(s: int, seed: int = 7):
+    from iso_megatron import causal_mask
+
+    ids = torch.randint(0, 256, (1, s), generator=torch.Generator().manual_seed(seed))
+    return ids, torch.arange(s)[None], causal_mask(s)
+
+
 def _model_cases():
     """Stock and ISO megatron models over the emulated link: outputs equal stock's; the link
     carries exactly the all-reduces the schedule says; the baseline's reduces are held too."""
-    from iso_megatron import ISOConfig, apply_iso, causal_mask
+    from iso_megatron import ISOConfig, apply_iso
+    from iso_megatron import calibrate as calib
     from iso_megatron.emulated import EmulatedLink, LinkModel, emulate
 
     stock, iso = build_pair("llama", 2, num_layers=3)
     s = 96
-    ids = torch.randint(0, 256, (1, s), generator=torch.Generator().manual_seed(7))
-    pos = torch.arange(s)[None]
-    mask = causal_mask(s)
+    ids, pos, mask = _inputs(s)
     out = {}
     with torch.no_grad():
         ref = stock(ids, pos, mask)
@@ -107,51 +117,135 @@ def _model_cases():
             with emulate(link):
                 got = iso(ids, pos, mask)
             out[f"iso{k}_err"] = rel_err(got, ref)
+            out[f"iso{k}_bounds"] = iso.decoder.iso_plan.bounds
             out[f"iso{k}_transfers"] = len(link.log)
             out[f"iso{k}_ordered"] = all(b.started >= a.done - 1e-9 for a, b in zip(link.log, link.log[1:]))
-        # auto under the emulated link: a plan (or stock), identical on both ranks, same logits
-        from iso_megatron import autosplit
-
-        autosplit.clear_cache()
+        # auto under a slow emulated link (a 24 KiB all-reduce takes ~5 ms, the tiny model's
+        # layer part well under that): a plan, identical on both ranks, the same logits
+        calib.clear_cache()
         apply_iso(iso, ISOConfig(num_chunks=4, split="auto", min_tokens=0))
-        link = EmulatedLink(LinkModel(0.0, 2e-8))
+        link = EmulatedLink(LinkModel(0.0, 2e-7))
         with emulate(link):
             got = iso(ids, pos, mask)
         out["auto_err"] = rel_err(got, ref)
-        out["auto_last"] = autosplit.last
+        out["auto_plan"] = tuple(iso.decoder.iso_plan)
     return out
 
 
-def _autosplit_cases():
+def _calibrate_cases():
     """Calibration with rank-dependent measurements still yields one plan on every rank."""
-    from iso_megatron import autosplit
+    from megatron.core import parallel_state
+
+    from iso_megatron import calibrate as calib
     from iso_megatron.emulated import EmulatedLink, LinkModel, emulate
-    from iso_megatron.models import model_config
-    from iso_megatron.split import TokenCost
+    from iso_megatron.megatron.models import model_config
+    from iso_megatron.planner import Environment
+    from iso_megatron.shape import ModelShape
 
     rank = dist.get_rank()
-    config = model_config("llama", num_layers=4, hidden_size=128, num_attention_heads=8,
-                          num_query_groups=4, ffn_hidden_size=352)
-    cost = TokenCost.from_dims(128, 352, 64, True)
-    real_compute = autosplit._measure_compute
-    # make the ranks disagree on purpose: rank 1 measures a 30% slower GEMM
-    autosplit._measure_compute = lambda *a: (lambda t, b: (t / (1 + 0.3 * rank), b))(*real_compute(*a))
+    shape = ModelShape.from_megatron_config(model_config(
+        "llama", num_layers=4, hidden_size=128, num_attention_heads=8, num_query_groups=4,
+        ffn_hidden_size=352))
+    env = Environment(torch.device("cpu"), torch.float32, parallel_state.get_tensor_model_parallel_group())
+    real_compute = calib._measure_compute
+    # make the ranks disagree on purpose: rank 1 measures a 30% slower GEMM (restored below)
+    calib._measure_compute = lambda *a: (lambda t, b: (t / (1 + 0.3 * rank), b))(*real_compute(*a))
     out = {"plans": [], "cals": []}
     try:
         for ratio_link in (LinkModel(0.0, 1e-9), LinkModel(0.0, 2e-8), LinkModel(0.002, 2e-7)):
-            autosplit.clear_cache()
-            link = EmulatedLink(ratio_link)
-            with emulate(link):
+            calib.clear_cache()
+            with emulate(EmulatedLink(ratio_link)):
                 for s in (64, 700, 1500, 3000):
-                    bounds = autosplit.auto_boundaries(config, s, 1, 2, 4, cost)
-                    cal = autosplit.calibrate(config, s, 1, 2)
-                    out["plans"].append((s, bounds, autosplit.last["why"]))
+                    plan = calib.auto_plan(shape, env, s, 1, 2, 4)
+                    cal = calib.calibrate(shape, env, s, 1, 2)
+                    out["plans"].append((s, plan.bounds, plan.reason))
                     out["cals"].append(tuple(cal))
     finally:
-        autosplit._measure_compute = real_compute
+        calib._measure_compute = real_compute
     return out
 
 
 def perf_group():
-    setup(2)
-    return dict(link=_link_cases(), model=_model_cases(), autosplit=_autosplit_cases())
+    setup_megatron(2)
+    return dict(link=_link_cases(), model=_model_cases(), calibrate=_calibrate_cases())
+
+
+# ---------------------------------------------------------------- one rank: the proxy link
+
+def _backends_restored():
+    """What a `with` block of a backend must leave behind: megatron's own reduce, the default
+    reducer, the group's own TP size, no proxy worker thread."""
+    import threading
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import mappings
+
+    from iso_megatron import comm
+
+    return dict(stock_reduce=mappings._reduce is _STOCK_REDUCE, reducer=comm.reducer_key() is comm.TorchDistReducer,
+                tp=comm.tp_size(parallel_state.get_tensor_model_parallel_group()),
+                threads=sorted(t.name for t in threading.enumerate() if t.name.startswith("iso-proxy-link")))
+
+
+_STOCK_REDUCE = None
+
+
+def proxy_group():
+    """World size 1. The proxy link with the TP stand-in: ISO plans as TP 2 in one process and,
+    the proxy's "all-reduce" being an identity copy, must give stock's logits exactly; outside
+    the `with` everything is back (TP 1: ISO steps aside)."""
+    global _STOCK_REDUCE
+    from megatron.core.tensor_parallel import mappings
+
+    from iso_megatron import ISOConfig, apply_iso
+    from iso_megatron.emulated import EmulatedLink, emulate
+    from iso_megatron.proxy import ProxyLink, stand_in
+
+    setup_megatron(1)
+    _STOCK_REDUCE = mappings._reduce
+    out = {"before": _backends_restored()}
+
+    class CountingProxy(ProxyLink):
+        transfers = 0
+
+        def start(self, tensor):
+            self.transfers += 1
+            return super().start(tensor)
+
+    stock, iso = build_pair("llama", 1, num_layers=2)
+    s = 200
+    ids, pos, mask = _inputs(s)
+    with torch.no_grad():
+        ref = stock(ids, pos, mask)
+        link = CountingProxy("cpu")
+        with stand_in(link, tp=2):
+            out["inside"] = _backends_restored()
+            got_stock = stock(ids, pos, mask)
+            out["stock_transfers"], link.transfers = link.transfers, 0
+            apply_iso(iso, ISOConfig(num_chunks=2, split="even", min_tokens=0))
+            got = iso(ids, pos, mask)
+            out["iso_transfers"] = link.transfers
+            out["iso_plan"] = tuple(iso.decoder.iso_plan)
+        out["after"] = _backends_restored()
+        out["stock_err"] = rel_err(got_stock, ref)
+        out["iso_equal"] = bool(torch.equal(got, ref))
+        out["iso_err"] = rel_err(got, ref)
+        # outside the block: TP 1 again, ISO steps aside
+        got = iso(ids, pos, mask)
+        out["outside_plan"] = tuple(iso.decoder.iso_plan)
+        out["outside_equal"] = bool(torch.equal(got, ref))
+        # an error inside either backend's block still puts everything back
+        for name, ctx in (("proxy", lambda: stand_in(ProxyLink("cpu"))), ("emulated", lambda: emulate(EmulatedLink()))):
+            try:
+                with ctx():
+                    raise KeyError(name)
+            except KeyError:
+                pass
+            out[f"after_error_{name}"] = _backends_restored()
+        # the CPU proxy has no worker outside `stand_in`: using it there is an error, not a hang
+        try:
+            ProxyLink("cpu").start(torch.ones(4))
+            out["outside_start"] = "no error"
+        except RuntimeError as e:
+            out["outside_start"] = str(e)
+    return out

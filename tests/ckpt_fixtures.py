@@ -40,7 +40,7 @@ def setup(tp: int):
 
 
 def build_stock(family: str, seed: int = 1234, **cfg):
-    from iso_megatron.models import build_gpt, model_config
+    from iso_megatron.megatron.models import build_gpt, model_config
 
     torch.manual_seed(seed)
     return build_gpt(model_config(family, **cfg), family=family).eval()

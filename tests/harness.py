@@ -2,7 +2,9 @@
 
 `run_ranks(n, "tests.cases_core:core_group", *args)` starts `python -m tests.harness` n times,
 each in its own process group; every rank calls `fn(*args)` after torch.distributed is up
-and returns a picklable result. Any rank failing, or the deadline passing, kills every rank's
+and returns a picklable result. The target may also be the function itself, defined at module
+level in the test file (`run_ranks(2, my_case, ...)`): a new multi-process test then touches one
+file (rank-side helpers: tests/ranks.py). Any rank failing, or the deadline passing, kills every rank's
 whole process group and raises with the failing rank's traceback. Ranks are started once per
 group of cases: importing megatron-core costs seconds per process.
 """
@@ -44,8 +46,13 @@ def _kill(procs):
         p.wait()
 
 
-def run_ranks(world_size: int, target: str, *args, timeout: float = 300, env=None):
-    """Results of `target(*args)` on each rank, in rank order."""
+def run_ranks(world_size: int, target, *args, timeout: float = 300, env=None):
+    """Results of `target(*args)` on each rank, in rank order ("module:function", or a
+    module-level function)."""
+    if callable(target):
+        if "<locals>" in target.__qualname__:
+            raise ValueError(f"run_ranks: {target.__qualname__} must be defined at module level")
+        target = f"{target.__module__}:{target.__qualname__}"
     with tempfile.TemporaryDirectory(prefix="iso_ranks_") as tmp:
         with open(os.path.join(tmp, "args.pkl"), "wb") as f:
             pickle.dump((target, args), f)
@@ -106,6 +113,9 @@ def _rank_main(tmp: str) -> None:
         os._exit(1)  # skip the collective teardown: the other ranks are about to be killed
     with open(os.path.join(tmp, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
+    from iso_megatron.runtime import shutdown
+
+    shutdown()
     sys.stdout.flush()
     os._exit(0)
 

@@ -28,6 +28,7 @@ def matrix(tmp_path_factory):
     return [case for rank in results for case in rank]
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_loads_at_every_tp_like_the_stock_model(matrix, fmt):
     cases = [c for c in matrix if c["fmt"] == fmt]
@@ -43,6 +44,7 @@ def test_loads_at_every_tp_like_the_stock_model(matrix, fmt):
         assert len(c["tokens"]) == 8
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_checkpoint_info_and_args(matrix, fmt):
     for c in (c for c in matrix if c["fmt"] == fmt):
@@ -97,6 +99,7 @@ ERROR_CASES = {
 }
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_errors_are_clear_and_raised_on_every_rank(errors, case):
     kind, needles = ERROR_CASES[case]
@@ -110,6 +113,7 @@ def test_errors_are_clear_and_raised_on_every_rank(errors, case):
             assert needle in g["message"], f"{case}: {needle!r} not in {g['message']!r}"
 
 
+@pytest.mark.multiprocess
 def test_all_ranks_survive_every_error(errors):
     assert [rank["alive"] for rank in errors] == [2, 2]
     assert [rank["control"] for rank in errors] == [None, None]
@@ -118,7 +122,7 @@ def test_all_ranks_survive_every_error(errors):
 # --- pure functions, no ranks --------------------------------------------------------------
 
 def test_key_names_map_to_megatron_core():
-    from iso_megatron.checkpoint import canonical_name, is_ignored_key
+    from iso_megatron.megatron.checkpoint import canonical_name, is_ignored_key
 
     pairs = {
         "module.language_model.embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
@@ -148,7 +152,7 @@ def test_key_names_map_to_megatron_core():
 @pytest.mark.parametrize("saved,tp", [(1, 2), (2, 1), (2, 4), (4, 2), (2, 3), (3, 2), (4, 4)])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_reshard_equals_chunking_the_full_tensor(saved, tp, stride):
-    from iso_megatron.checkpoint import _needed_ranks, _reshard
+    from iso_megatron.megatron.checkpoint.reshard import _needed_ranks, _reshard
 
     full = torch.arange(2 * 12 * 5).reshape(2 * 12, 5)  # two stride blocks of 12 rows
 
@@ -161,7 +165,7 @@ def test_reshard_equals_chunking_the_full_tensor(saved, tp, stride):
 
 
 def test_find_checkpoint_without_process_group(tmp_path):
-    from iso_megatron.checkpoint import CheckpointNotFoundError, checkpoint_args, find_checkpoint
+    from iso_megatron.megatron.checkpoint import CheckpointNotFoundError, checkpoint_args, find_checkpoint
 
     with pytest.raises(CheckpointNotFoundError, match="does not exist"):
         find_checkpoint(str(tmp_path / "nope"))
@@ -175,7 +179,7 @@ def test_old_pickles_with_vanished_classes_still_load(tmp_path):
     import sys
     import types
 
-    from iso_megatron.checkpoint import _torch_load
+    from iso_megatron.megatron.checkpoint.find import _torch_load
 
     mod = types.ModuleType("gone_megatron_module")
 

@@ -149,3 +149,62 @@ def test_parse_gpu_profile():
         cm.parse_gpu_profile("gpu:4090/13b/tp4")
     with pytest.raises(ValueError, match="tp must be >= 1"):
         cm.parse_gpu_profile("gpu:4090/30b/tp0")
+
+
+# ---------------------------------------------------------------- benchmark profiles
+
+# One all-reduce of a whole 1024-token prompt of the 30B model (hidden 6656, bf16) over TP 4 on
+# the 4090 link (40 us, busbw 11 GB/s), in NCCL-tests' busbw convention
+# t = latency + bytes * 2(n-1)/n / busbw, by hand: 13,631,488 B -> 40 us + 1858.84 us.
+AR_4090_1024_S = 40e-6 + 1024 * 6656 * 2 * 1.5 / 11e9
+AR_4090_512_S = 40e-6 + 512 * 6656 * 2 * 1.5 / 11e9
+# Compute of one layer per rank, 1024 tokens: qkv [6656 -> 3*6656/4], proj [6656/4 -> 6656],
+# fc1 and fc2 [6656 <-> 17920/4] at 2 flops per multiply-add, plus the causal core (QK^T and PV
+# over 1024*1025/2 pairs, 128 wide, 13 heads per rank). Every one is compute-bound here
+# (>= 256 flop/B against 132.16 TFLOPS / 856.8 GB/s = 154), so C = flops / 132.16 TFLOPS (the
+# RTX 4090's 165.2 dense bf16 TFLOPS x GEMM_EFFICIENCY 0.8) = 1637.1 us.
+C_4090_1024_S = (2 * 1024 * 6656 * (3 * 6656 / 4 + 6656 / 4 + 2 * 17920 / 4)
+                 + 4 * 128 * (1024 * 1025 / 2) * 13) / (165.2e12 * 0.8)
+RATIO_4090_1024 = 2 * AR_4090_1024_S / C_4090_1024_S  # two all-reduces per layer: 2.320
+
+
+def test_gpu_profile_against_hand_computed_times():
+    assert AR_4090_1024_S == pytest.approx(1898.84e-6, rel=1e-5)
+    assert C_4090_1024_S == pytest.approx(1637.12e-6, rel=1e-5)
+    ratio, latency_share = cm.profile_ratio("gpu:4090/30b/tp4", 1024)
+    assert ratio == pytest.approx(RATIO_4090_1024, rel=1e-9)  # docs/bench_results.md: M/C 2.32
+    assert ratio == pytest.approx(2.3197, abs=1e-4)
+    assert latency_share == pytest.approx(40e-6 / AR_4090_1024_S, rel=1e-9)  # 0.0211
+    assert cm.profile_ratio("ratio:2", 1024) == (2.0, 0.0)
+
+
+def test_link_for_profile_reproduces_the_gpu_link():
+    # the bench's default model (8 layers, hidden 512, fp32) computing its unsplit 1024-token
+    # prefill in 0.3 s: its 16 all-reduces of 2 MiB must take M/C x 0.3 s, and a half-prompt
+    # all-reduce must cost what it costs on the 4090 link relative to a whole one (969.4 / 1898.8 us)
+    full = 1024 * 512 * 4
+    m = cm.link_for_profile("gpu:4090/30b/tp4", 1024, 1, 0.3, 8, 512, 4)
+    assert 16 * m.seconds(full) == pytest.approx(RATIO_4090_1024 * 0.3, rel=1e-9)
+    assert m.seconds(full // 2) / m.seconds(full) == pytest.approx(AR_4090_512_S / AR_4090_1024_S, rel=1e-9)
+    assert m.seconds(full // 2) / m.seconds(full) == pytest.approx(0.51053, abs=1e-5)
+    # ratio:0.5, no latency: 16 x 2 MiB take 0.15 s, time proportional to bytes
+    m = cm.link_for_profile("ratio:0.5", 1024, 1, 0.3, 8, 512, 4)
+    assert 16 * m.seconds(full) == pytest.approx(0.15)
+    assert m.latency_s == 0.0 and m.seconds(full // 2) == pytest.approx(m.seconds(full) / 2)
+
+
+def test_link_profile_of_an_emulated_link():
+    # 1 ms + 1 ns/B: a 1 MB all-reduce takes 2 ms, whatever the TP size's busbw factor
+    for tp in (2, 4):
+        link = cm.LinkProfile.from_per_byte("emulated", 1e-3, 1e-9, tp)
+        assert cm.allreduce_time(1e6, link, tp) == pytest.approx(2e-3, rel=1e-12)
+    free = cm.LinkProfile.from_per_byte("free", 0.0, 0.0, 2)
+    assert cm.allreduce_time(1e6, free, 2) == 0.0
+
+
+def test_parse_profile():
+    assert cm.parse_profile("ratio:0.5") == ("ratio", 0.5)
+    assert cm.parse_profile(" gpu:a800/70b/tp8 ") == ("gpu", "gpu:a800/70b/tp8")
+    for bad in ("ratio:x", "gpu:4090/30b", "foo", "ratio:-1", "gpu:v100/30b/tp4"):
+        with pytest.raises(ValueError):
+            cm.parse_profile(bad)

@@ -11,8 +11,11 @@ import json
 import pytest
 
 from tests.harness import run_ranks, run_torchrun
+from tests.ranks import FP32_REL_TOL
 
-TOL = 1e-5
+pytestmark = pytest.mark.multiprocess
+
+TOL = FP32_REL_TOL
 FAMILIES = ["llama", "mistral", "qwen2", "opt", "llama-eager", "opt-postln"]
 SEQ_LENS = [1, 7, 257]  # one token (ISO steps aside), odd, >= 256
 CHUNKS = [2, 3]
@@ -104,6 +107,20 @@ def test_padded_batch_runs_iso(hf2):
             assert r["tokens"] == r["ref_tokens"], fam
 
 
+def test_auto_split_under_deepspeed_asks_the_cost_model(hf2):
+    """README: split="auto" runs stock wherever no split is predicted faster, else splits."""
+    for rank in hf2:
+        auto = rank["auto"]
+        assert auto["iso"]["split"] == "auto" and auto["iso"]["min_tokens"] == 0  # cost model's threshold
+        short, long = auto["short"], auto["long"]
+        assert short["bounds"] is None and short["reason"].startswith("auto:"), short
+        assert short["async_ops"] == 0 and short["err"] <= TOL
+        assert long["bounds"] is not None and long["bounds"][-1] == 512, long
+        assert long["reason"].startswith("auto:") and "predicted" in long["reason"]
+        assert long["async_ops"] == 2 * LAYERS * (len(long["bounds"]) - 1)  # ISO ran, every chunk
+        assert long["err"] <= TOL
+
+
 def test_steps_aside_where_iso_cannot_help(hf2):
     for rank in hf2:
         a = rank["aside"]
@@ -146,14 +163,15 @@ def test_megatron_model_through_deepspeed():
 def test_hf_launcher_under_torchrun(tmp_path, monkeypatch):
     monkeypatch.delenv("LOCAL_SIZE", raising=False)  # as a user's shell: torchrun does not set it
     out = tmp_path / "res.json"
-    rc, log = run_torchrun(2, ["launch/infer_hf_deepspeed.py", "--family", "opt", "--layers", "2",
-                               "--hidden", "128", "--ffn", "256", "--vocab", "256", "--seq-len", "300",
-                               "--warmup", "0", "--iters", "1", "--new-tokens", "4",
-                               "--output-json", str(out)], timeout=240)
+    rc, log = run_torchrun(2, ["launch/infer_hf_deepspeed.py", "--family", "opt", "--num-layers", "2",
+                               "--hidden-size", "128", "--ffn-hidden-size", "256", "--vocab-size", "256",
+                               "--seq-len", "300", "--timing-warmup", "0", "--timing-repeats", "1",
+                               "--num-tokens-to-generate", "4", "--output-json", str(out)], timeout=240)
     assert rc == 0, log[-4000:]
     res = json.loads(out.read_text())
     assert res["tp"] == 2 and res["iso"]["num_chunks"] == 2
-    assert res["iso_prefills_run"] == 2  # the timed prefill and generate's
+    (bounds,) = res["iso_chunk_bounds"]  # what the timed prefill ran: 2 balanced chunks, the
+    assert len(bounds) == 3 and bounds[0] == 0 and bounds[-1] == 300 and 150 < bounds[1] < 300  # first larger
     assert res["max_rel_logit_diff"] <= TOL
     assert res["tokens_identical"] and len(res["tokens_iso"][0]) == 4
     assert "tokens identical: True" in log

@@ -1,14 +1,11 @@
 """launch/infer.py: the embedded default end to end under torchrun, and its flag errors."""
 
 import json
-import os
-import sys
 
 import pytest
 
-from tests.harness import ROOT, run_torchrun
-
-sys.path.insert(0, os.path.join(ROOT, "launch"))
+from launch import infer
+from tests.harness import run_torchrun
 FIELDS = {"prompt_token_ids", "generated_token_ids", "generated_text", "prefill_ms",
           "decode_ms_per_token", "tp", "iso", "baseline_prefill_ms", "max_abs_logit_diff"}
 
@@ -26,6 +23,7 @@ def embedded_runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("tp", [1, 2])
 def test_embedded_default_writes_the_json_fields(embedded_runs, tp):
     rec, log = embedded_runs[tp]
@@ -41,6 +39,7 @@ def test_embedded_default_writes_the_json_fields(embedded_runs, tp):
     assert "prefill" in log and "stock prefill" in log  # rank 0 printed the summary
 
 
+@pytest.mark.multiprocess
 def test_embedded_default_is_the_same_model_at_every_tp(embedded_runs):
     # CPU initialisation builds the full matrices from the seed, then shards them: TP 1 and 2
     # hold the same model, so greedy tokens agree (ISO at TP 2, stock at TP 1)
@@ -48,8 +47,6 @@ def test_embedded_default_is_the_same_model_at_every_tp(embedded_runs):
 
 
 def _prepare(argv, world=1, monkeypatch=None):
-    import infer
-
     monkeypatch.setenv("WORLD_SIZE", str(world))
     return infer.prepare_args(argv)
 
@@ -79,6 +76,7 @@ def test_flag_errors_are_megatron_style(argv, world, message, monkeypatch, capsy
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.multiprocess
 def test_flag_error_exits_every_rank(tmp_path):
     # torchrun stops the other rank once one fails; returning at all (no timeout) is the point
     rc, log = run_torchrun(2, ["launch/infer.py", "--num-query-groups", "3"], timeout=120)
@@ -86,6 +84,7 @@ def test_flag_error_exits_every_rank(tmp_path):
     assert "--num-query-groups (3) must be a multiple or divisor of --tensor-model-parallel-size (2)" in log
 
 
+@pytest.mark.multiprocess
 def test_deepspeed_path_with_iso_key(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"dtype": "fp32", "iso": {"enabled": True, "num_chunks": 3,

@@ -15,6 +15,8 @@ import torch
 from tests.ckpt_fixtures import PROMPT, STEPS
 from tests.harness import run_ranks, run_torchrun
 
+pytestmark = pytest.mark.multiprocess
+
 # (format, family, saved TP, load TP)
 MATRIX = [("torch", "llama", 1, 2), ("torch", "gpt", 2, 2), ("torch_dist", "gpt", 2, 1),
           ("torch_dist", "llama", 2, 2), ("te", "gpt", 1, 2), ("deepspeed", "llama", 2, 2),

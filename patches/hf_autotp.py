@@ -1,15 +1,20 @@
 """ISO for Hugging Face decoder models under DeepSpeed AutoTP (no kernel injection).
 
 AutoTP turns each decoder layer's row-parallel linears (attention output projection, MLP down
-projection) into DeepSpeed `LinearAllreduce` modules whose all-reduce is synchronous. ISO:
+projection) into DeepSpeed `LinearAllreduce` modules whose all-reduce is synchronous. ISO swaps
+classes only (no parameter added or renamed, the same state-dict keys):
 
-  - swaps those modules' class to `ISOLinearAllreduce` (no parameter added or renamed): with
-    `defer_reduce` on, forward returns the rank's partial sum only; the schedule starts the
-    all-reduce (async) and adds the bias after it, exactly as the stock forward does;
-  - swaps each decoder layer's class to an ISO subclass. In a prefill the stack's FIRST layer runs
-    the whole stack with the ISO schedule (`transformer.run_prefill`, the same executor as the
-    Megatron path) over `HFSteps`, the chunk steps of the HF layers; the model's loop then hands
-    that result through the remaining layers untouched (they recognise it by identity).
+  - the two linears -> `ISOLinearAllreduce`: with `defer_reduce` on, forward returns the rank's
+    partial sum only; the schedule starts the all-reduce (async) and adds the bias after it,
+    exactly as the stock forward does;
+  - the stack's ModuleList -> `ISODecoderLayers`; the module that owns it (LlamaModel,
+    OPTDecoder, ...) keeps its class (transformers keys its output-capture registry on the class
+    name) and gets a forward pre-hook and an always-called forward hook that open and close the
+    list's forward scope. Inside it, the model's own layer loop (`for layer in self.layers[...]`) receives ONE entry in place of
+    layer 0: called like layer 0, it is the single entry point of the forward. It asks the
+    planner (`ISOStack.plan`); for an ISO prefill it runs every layer with the ISO schedule
+    (`schedule.run_prefill`, the same executor as the Megatron path, over `HFChunkOps`) and the
+    loop ends; otherwise it runs layer 0 stock and the loop goes on with layers 1..N-1.
 
 Per chunk, the layer's own attention module runs on the chunk's queries with the chunk's RoPE
 (cos/sin rows) and position ids, appends the chunk's K/V to the HF cache (a private DynamicCache
@@ -18,9 +23,11 @@ when the caller has none), and attends over keys 0..end with the model's own 4-D
 bottom-right causal mask is given. So the cache comes out as the stock prefill's and `generate()`
 continues on the stock path.
 
-Everything else runs the stock code (`ISOStack.plan` decides): TP 1, training, autograd, decode (one
-token or a non-empty cache), prompts shorter than `min_tokens`, caches other than DynamicCache,
-prompts reaching a sliding window, flash/flex attention, output_attentions / output_hidden_states.
+Everything else runs the stock code (`ISOStack.plan` decides, with `planner.plan_prefill` for
+the split, `auto` included): TP 1, training, autograd, decode (one token or a non-empty cache),
+prompts shorter than `min_tokens`, caches other than DynamicCache, prompts reaching a sliding
+window, flash/flex attention, output_attentions / output_hidden_states. What the latest forward
+ran is recorded in ONE place: `ISOStack.iso_plan` (`iso_stacks(model)`), a `planner.PrefillPlan`.
 
 Families: Llama, Mistral, Qwen2 (RMSNorm, SwiGLU, RoPE, GQA) and OPT (LayerNorm, biases, pre- or
 post-LN).
@@ -37,10 +44,12 @@ import torch
 import torch.nn.functional as F
 from deepspeed.module_inject.layers import LinearAllreduce, add_bias
 
-from .comm import make_reducer
-from .config import ISOConfig
-from .split import TokenCost, chunk_boundaries
-from .transformer import run_prefill
+from iso_megatron import comm
+from iso_megatron.classes import swap_classes
+from iso_megatron.config import ISOConfig
+from iso_megatron.planner import Environment, PrefillPlan, plan_prefill, stock
+from iso_megatron.schedule import run_prefill
+from iso_megatron.shape import ModelShape
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +115,7 @@ class LlamaFamily:
     def finish(layer, part, out, residual):
         return residual + out
 
-    @staticmethod
-    def cost(config) -> TokenCost:
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-        return TokenCost.from_dims(config.hidden_size, config.intermediate_size, kv, True)
+    gated = True  # SwiGLU: two fc1-sized GEMMs (ModelShape.from_hf_config)
 
 
 class OPTFamily:
@@ -156,9 +160,7 @@ class OPTFamily:
         hidden = (residual.reshape(-1, residual.size(-1)) + out).view(residual.shape)
         return hidden if layer.do_layer_norm_before else layer.final_layer_norm(hidden)
 
-    @staticmethod
-    def cost(config) -> TokenCost:
-        return TokenCost.from_dims(config.hidden_size, config.ffn_dim, config.hidden_size, False)
+    gated = False
 
 
 FAMILIES = (LlamaFamily, OPTFamily)
@@ -199,8 +201,8 @@ def _chunk_mask(mask, start: int, end: int, device):
     return torch.ones(end - start, end, dtype=torch.bool, device=device).tril(start)[None, None]
 
 
-class HFSteps:
-    """The chunk steps of HF decoder layers, for `transformer.run_prefill`."""
+class HFChunkOps:
+    """The chunk steps of HF decoder layers, for `schedule.run_prefill`."""
 
     def __init__(self, stack: "ISOStack", bounds: List[int], kwargs: Dict, device):
         self.fam, self.layers, self.bounds = stack.family, stack.layers, bounds
@@ -275,7 +277,8 @@ def _output_capture_active() -> bool:
 class ISOStack:
     """One decoder stack under ISO: its layers, their deferrable linears, the config.
 
-    A plain object (not an nn.Module), kept in each layer's __dict__: no state-dict entry.
+    A plain object (not an nn.Module), kept in the stack list's __dict__: no state-dict entry.
+    `iso_plan` records what the latest forward ran (None before the first).
     """
 
     def __init__(self, layers, family, iso_config: ISOConfig):
@@ -287,48 +290,45 @@ class ISOStack:
         params = inspect.signature(type(attn).forward).parameters
         self.cache_name = next((n for n in ("cache", "past_key_values", "past_key_value") if n in params),
                                "cache")
-        self.pending = None  # (output tensor, index of the next layer to hand it through)
-        self.runs = 0  # ISO prefills run (for tests and launchers)
+        self.shape = ModelShape.from_hf_config(self.config, family.gated, name=family.name)
+        self.iso_plan: Optional[PrefillPlan] = None
 
     # -- deciding -----------------------------------------------------------------------------
-    def plan(self, hidden, args, kwargs, training: bool) -> Optional[List[int]]:
-        """Chunk boundaries when this layer-0 call should run the ISO prefill, else None (stock)."""
+    def plan(self, hidden, args, kwargs, training: bool) -> PrefillPlan:
+        """What layer 0's call in this forward runs: what only HF knows, then the planner."""
         iso = self.iso_config
-        if iso is None or not iso.enabled or iso.num_chunks < 2 or training or args:
-            return None
+        if iso is None or not iso.enabled:
+            return stock("ISO disabled")
+        if training or args:
+            return stock("training" if training else "positional layer arguments")
         if hidden.dim() != 3 or (torch.is_grad_enabled() and hidden.requires_grad):
-            return None
+            return stock("autograd or unexpected hidden-state shape")
         seq_len = hidden.size(1)
-        if seq_len < max(iso.min_tokens, 2):
-            return None
         lin = self.linears[0]
-        if lin.mp_group is None or lin.tp_world_size < 2 or any(
-                m.defer_collectives_to_compiler for m in self.linears):
-            return None
+        if lin.mp_group is None or any(m.defer_collectives_to_compiler for m in self.linears):
+            return stock("no tensor-parallel group, or collectives deferred to the compiler")
         if kwargs.get("output_attentions") or _output_capture_active():
-            return None
+            return stock("output_attentions / captured outputs")
         if any(kwargs.get(k) is not None for k in _PACKED):
-            return None
+            return stock("packed sequences")
         impl = getattr(self.config, "_attn_implementation", None)
         mask = kwargs.get("attention_mask")
         if impl not in ("sdpa", "eager"):
-            return None
+            return stock(f"attention implementation {impl!r}")
         if mask is None:
             if impl != "sdpa":
-                return None
+                return stock("eager attention without a mask")
         elif not (torch.is_tensor(mask) and mask.dim() == 4
                   and tuple(mask.shape[-2:]) == (seq_len, seq_len)):
-            return None  # BlockMask, per-layer dicts, masks over a pre-filled cache: stock
+            return stock("mask is not a [b, h, s, s] tensor (BlockMask, pre-filled cache, ...)")
         window = self._sliding_window()
         if window is not None and seq_len >= window:
-            return None
+            return stock(f"prompt reaches the sliding window ({window})")
         cache = _cache_arg(kwargs)
         if cache is not None and not self._fresh_dynamic_cache(cache):
-            return None
-        bounds = chunk_boundaries(seq_len, iso.num_chunks,
-                                  "balanced" if iso.split == "auto" else iso.split,
-                                  self.family.cost(self.config))
-        return bounds if len(bounds) > 2 else None
+            return stock("cache is not a fresh DynamicCache (decode or another cache type)")
+        env = Environment(hidden.device, hidden.dtype, lin.mp_group)
+        return plan_prefill(iso, self.shape, seq_len, hidden.size(0), comm.tp_size(lin.mp_group), env)
 
     def _sliding_window(self):
         cfg = self.config
@@ -350,68 +350,95 @@ class ISOStack:
         return cache.get_seq_length() == 0
 
     # -- running --------------------------------------------------------------------------------
-    def prefill(self, hidden, bounds, kwargs):
+    def run_first_layer(self, hidden, args, kwargs, training: bool):
+        """Layer 0's call in the model's loop: (output, True) when the ISO schedule ran every
+        layer, (layer 0's stock output, False) otherwise."""
+        plan = self.plan(hidden, args, kwargs, training)
+        self.iso_plan = plan
+        if plan.bounds is None:
+            return self.layers[0](hidden, *args, **kwargs), False
+        bounds = plan.bounds
         chunks = [hidden[:, bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
-        steps = HFSteps(self, bounds, kwargs, hidden.device)
-        reducer = make_reducer(self.linears[0].mp_group)
+        ops = HFChunkOps(self, bounds, kwargs, hidden.device)
+        reducer = comm.make_reducer(self.linears[0].mp_group)
         with deferred(self.linears):
-            out = run_prefill(steps, len(self.layers), chunks, reducer)
-        self.runs += 1
-        return torch.cat(out, dim=1)
+            out = run_prefill(ops, len(self.layers), chunks, reducer)
+        return torch.cat(out, dim=1), True
 
 
-class ISODecoderLayerMixin:
-    """Forward of an HF decoder layer under ISO (mixed in front of the stock layer class)."""
+class _StackEntry:
+    """What the model's layer loop receives in place of layer 0 within a forward scope."""
 
-    def forward(self, hidden_states, *args, **kwargs):
-        stack = self.__dict__.get("_iso_stack")
-        if stack is not None:
-            pending = stack.pending
-            if pending is not None and pending[0] is hidden_states and stack.layers[pending[1]] is self:
-                # an ISO prefill by the stack's first layer already ran this layer
-                nxt = pending[1] + 1
-                stack.pending = (hidden_states, nxt) if nxt < len(stack.layers) else None
-                return hidden_states
-            if self is stack.layers[0]:
-                stack.pending = None
-                bounds = stack.plan(hidden_states, args, kwargs, self.training)
-                if bounds is not None:
-                    out = stack.prefill(hidden_states, bounds, kwargs)
-                    if len(stack.layers) > 1:
-                        stack.pending = (out, 1)
-                    return out
-        return super().forward(hidden_states, *args, **kwargs)
+    def __init__(self, stack: ISOStack, layer0):
+        self.stack, self.layer0, self.ran_all = stack, layer0, False
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        out, self.ran_all = self.stack.run_first_layer(hidden_states, args, kwargs, self.layer0.training)
+        return out
+
+    def __getattr__(self, name):  # the loop may read layer attributes (e.g. attention_type)
+        return getattr(self.layer0, name)
 
 
-_ISO_LAYER_CLASSES: Dict[type, type] = {}
+class ISODecoderLayers(torch.nn.ModuleList):
+    """The stack's ModuleList under ISO: the same modules and keys, no parameters of its own.
 
+    Outside a forward scope it iterates as stock. Inside one (the owner's forward, by hooks),
+    iterating from its first layer yields a `_StackEntry` for layer 0, then, unless that entry
+    ran the whole stack, the remaining layers.
+    """
 
-def iso_layer_class(cls):
-    if issubclass(cls, ISODecoderLayerMixin):
-        return cls
-    if cls not in _ISO_LAYER_CLASSES:
-        _ISO_LAYER_CLASSES[cls] = type(f"ISO{cls.__name__}", (ISODecoderLayerMixin, cls),
-                                       {"__module__": __name__, "__qualname__": f"ISO{cls.__name__}"})
-    return _ISO_LAYER_CLASSES[cls]
+    _iso_stack: Optional[ISOStack] = None
+    _in_forward = False
 
+    def __getitem__(self, idx):
+        out = super().__getitem__(idx)
+        if isinstance(idx, slice) and isinstance(out, ISODecoderLayers):  # self.layers[:n]
+            out.__dict__.update(_iso_stack=self._iso_stack, _in_forward=self._in_forward)
+        return out
 
-def _stock_layer_class(cls):
-    for base in cls.__mro__[1:]:
-        if not issubclass(base, ISODecoderLayerMixin):
-            return base
-    return cls  # pragma: no cover
+    def __iter__(self):
+        layers = list(self._modules.values())
+        stack = self._iso_stack
+        if not (self._in_forward and stack is not None and layers and layers[0] is stack.layers[0]):
+            yield from layers
+            return
+        entry = _StackEntry(stack, layers[0])
+        yield entry
+        yield from layers[len(stack.layers) if entry.ran_all else 1:]
+
+    def _open_scope(self, *_):
+        self.__dict__["_in_forward"] = True
+
+    def _close_scope(self, *_):
+        self.__dict__.pop("_in_forward", None)
+
+    def attach(self, stack: ISOStack, owner: torch.nn.Module) -> None:
+        """Serve `stack`; the forward scope opens and closes with every forward of `owner`."""
+        self.detach()
+        self.__dict__["_iso_stack"] = stack
+        self.__dict__["_iso_hooks"] = (owner.register_forward_pre_hook(self._open_scope),
+                                       owner.register_forward_hook(self._close_scope, always_call=True))
+
+    def detach(self) -> None:
+        for hook in self.__dict__.pop("_iso_hooks", ()):
+            hook.remove()
+        self.__dict__.pop("_iso_stack", None)
+        self._close_scope()
 
 
 # ---- applying -----------------------------------------------------------------------------
 
 def decoder_stacks(model):
-    """[(ModuleList of decoder layers, family)] of the supported HF families in `model`."""
+    """[(owner module, attribute name, ModuleList of decoder layers, family)] of the supported
+    HF families in `model`."""
     stacks = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.ModuleList) and len(m) > 0:
-            fams = {family_of(layer) for layer in m}
-            if len(fams) == 1 and None not in fams:
-                stacks.append((m, fams.pop()))
+    for owner in model.modules():
+        for name, m in owner.named_children():
+            if isinstance(m, torch.nn.ModuleList) and len(m) > 0:
+                fams = {family_of(layer) for layer in m}
+                if len(fams) == 1 and None not in fams:
+                    stacks.append((owner, name, m, fams.pop()))
     return stacks
 
 
@@ -419,14 +446,25 @@ def is_iso(model) -> bool:
     return any(isinstance(m, ISOLinearAllreduce) for m in model.modules())
 
 
+def _remove(module) -> None:
+    for m in module.modules():
+        if type(m) is ISODecoderLayers:
+            m.detach()
+            m.__class__ = torch.nn.ModuleList
+        elif type(m) is ISOLinearAllreduce:
+            m.__class__ = LinearAllreduce
+            m.__dict__.pop("defer_reduce", None)
+
+
 def apply_iso_hf(model, iso_config: Optional[ISOConfig] = None):
     """Convert an HF causal LM (after DeepSpeed AutoTP) to ISO in place and return it.
 
-    `model` may be the DeepSpeed InferenceEngine or its `.module`. Only classes change (decoder
-    layers, their two LinearAllreduce modules); `apply_iso_hf(model, ISOConfig(enabled=False))` puts
-    the stock classes back, and calling it again with another ISOConfig reconfigures. With no
-    LinearAllreduce in the layers (tensor-parallel size 1) there is nothing to overlap and the
-    model stays stock. ValueError names what ISO cannot run (kernel injection, other families).
+    `model` may be the DeepSpeed InferenceEngine or its `.module`. Only classes change (the
+    stack's owner and ModuleList, the two LinearAllreduce modules per layer);
+    `apply_iso_hf(model, ISOConfig(enabled=False))` puts the stock classes back, and calling it
+    again with another ISOConfig reconfigures. With no LinearAllreduce in the layers
+    (tensor-parallel size 1) there is nothing to overlap and the model stays stock. ValueError
+    names what ISO cannot run (kernel injection, other families).
     """
     module = getattr(model, "module", model)  # a DeepSpeed InferenceEngine holds the model in .module
     iso_config = ISOConfig() if iso_config is None else iso_config
@@ -434,13 +472,7 @@ def apply_iso_hf(model, iso_config: Optional[ISOConfig] = None):
         raise TypeError(f"iso_config must be an ISOConfig, got {type(iso_config).__name__}")
 
     if not iso_config.enabled:
-        for m in module.modules():
-            if isinstance(m, ISODecoderLayerMixin):
-                m.__class__ = _stock_layer_class(type(m))
-                m.__dict__.pop("_iso_stack", None)
-            elif type(m) is ISOLinearAllreduce:
-                m.__class__ = LinearAllreduce
-                m.__dict__.pop("defer_reduce", None)
+        _remove(module)
         return model
 
     stacks = decoder_stacks(module)
@@ -452,7 +484,7 @@ def apply_iso_hf(model, iso_config: Optional[ISOConfig] = None):
 
     # Check everything before changing anything: a model is converted whole or not at all.
     plans = []
-    for layers, fam in stacks:
+    for owner, name, layers, fam in stacks:
         cfg = getattr(layers[0].self_attn, "config", None)
         n = getattr(cfg, "num_hidden_layers", None)
         layer_list = list(layers)[:n] if isinstance(n, int) and 0 < n <= len(layers) else list(layers)
@@ -474,24 +506,23 @@ def apply_iso_hf(model, iso_config: Optional[ISOConfig] = None):
                              f"{sorted({type(lin).__name__ for lin in linears})}, not AutoTP's LinearAllreduce")
         if kinds != {True}:
             raise ValueError("ISO: some decoder layers have AutoTP LinearAllreduce and some do not")
-        plans.append((layer_list, fam, linears))
+        if type(layers) not in (torch.nn.ModuleList, ISODecoderLayers):
+            raise ValueError(f"ISO: the decoder layers are held in a {type(layers).__name__}, "
+                             "not a torch.nn.ModuleList")
+        plans.append((owner, layers, layer_list, fam, linears))
 
-    for layer_list, fam, linears in plans:
-        stack = ISOStack(layer_list, fam, iso_config)
-        for lin in linears:
-            lin.__class__ = ISOLinearAllreduce
-        for layer in layer_list:
-            layer.__class__ = iso_layer_class(type(layer))
-            layer.__dict__["_iso_stack"] = stack
+    swaps = []
+    for owner, layers, layer_list, fam, linears in plans:
+        swaps += [(lin, ISOLinearAllreduce) for lin in linears] + [(layers, ISODecoderLayers)]
+    swap_classes(swaps)
+    for owner, layers, layer_list, fam, linears in plans:
+        layers.attach(ISOStack(layer_list, fam, iso_config), owner)
     return model
 
 
-def iso_stacks(model) -> List[ISOStack]:
-    """The ISOStack objects of a converted model (tests and launchers read `runs`)."""
+def iso_stacks(model):
+    """The ISOStack objects of a converted model: their `iso_plan` says what the latest
+    forward ran."""
     module = getattr(model, "module", model)
-    seen = []
-    for m in module.modules():
-        stack = m.__dict__.get("_iso_stack")
-        if stack is not None and all(stack is not s for s in seen):
-            seen.append(stack)
-    return seen
+    return [m._iso_stack for m in module.modules()
+            if type(m) is ISODecoderLayers and m._iso_stack is not None]

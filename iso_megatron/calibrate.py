@@ -1,5 +1,8 @@
 """split="auto": chunk count and boundaries chosen from the cost model, calibrated on this machine.
 
+Asked by `planner.plan_prefill` only (framework-neutral: the adapters pass the model shape and
+the device / dtype / TP group in a `planner.Environment`).
+
 At the first ISO prefill of a prompt-length bucket, every rank of the tensor-parallel group
 measures, on its own device and through the reducer ISO will really use (`comm.make_reducer`,
 so an emulated link is measured as such):
@@ -27,11 +30,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 
-from .split import TokenCost, chunk_boundaries
+from . import comm
+from . import costmodel as cm
+from .planner import Environment, PrefillPlan, chunk_boundaries, stock
+from .shape import ModelShape, TokenCost
 
 MIN_GAIN = 0.02          # predicted saving a plan must reach (covers what the model leaves out)
 # A searched plan replaces the plain two-chunk split (even or balanced, whichever is predicted
@@ -53,15 +59,11 @@ class Calibration(NamedTuple):
     step_overhead_s: float
 
     def device(self):
-        from .costmodel import DeviceProfile
-
-        return DeviceProfile("calibrated", self.gemm_tflops, self.mem_bw_gbs, "measured at first use",
+        return cm.DeviceProfile("calibrated", self.gemm_tflops, self.mem_bw_gbs, "measured at first use",
                              step_overhead_s=self.step_overhead_s, attn_score_table=self.attn_score_table)
 
     def link(self):
-        from .costmodel import LinkProfile
-
-        return LinkProfile("calibrated", self.latency_us, self.bus_bw_gbs, "measured at first use")
+        return cm.LinkProfile("calibrated", self.latency_us, self.bus_bw_gbs, "measured at first use")
 
 
 class AutoPlan(NamedTuple):
@@ -74,14 +76,12 @@ class AutoPlan(NamedTuple):
 
 _calibrations: Dict[tuple, Calibration] = {}
 _plans: Dict[tuple, AutoPlan] = {}
-last: Optional[dict] = None  # the latest decision on this process (benchmarks, tests)
 
 
 def clear_cache() -> None:
-    global last
+    """Forget every calibration and plan (benchmarks: before a new link is put in place)."""
     _calibrations.clear()
     _plans.clear()
-    last = None
 
 
 def bucket_of(seq_len: int) -> int:
@@ -105,23 +105,9 @@ def _timed(fn, reps: int = 2, sync=None) -> float:
     return max(best, 1e-9)
 
 
-def _device_and_group():
-    from megatron.core import parallel_state
-
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    group = parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
-    return device, group
-
-
-def _factory_key():
-    from . import comm
-
-    return comm._factory  # the reducer backend in use: an emulated link calibrates as itself
-
-
-def _measure_compute(config, tp, device, dtype, sync):
-    h = config.hidden_size
-    n = max(1, (config.ffn_hidden_size or 4 * h) // tp)
+def _measure_compute(shape: ModelShape, tp, device, dtype, sync):
+    h = shape.hidden
+    n = max(1, shape.ffn_hidden // tp)
     m = 512
     a, b = torch.randn(m, h, device=device, dtype=dtype), torch.randn(h, n, device=device, dtype=dtype)
     gemm_s = _timed(lambda: a @ b, reps=5, sync=sync)
@@ -131,11 +117,11 @@ def _measure_compute(config, tp, device, dtype, sync):
     return 2.0 * m * h * n / gemm_s / 1e12, 2 * x.numel() * 4 / copy_s / 1e9
 
 
-def _measure_attention(config, tp, seq_len, device, dtype):
+def _measure_attention(shape: ModelShape, tp, seq_len, device, dtype):
     """((scores per head, seconds per score), ...) of the unfused core on the rectangles a
     prefill of seq_len meets: a half chunk, the last chunk of two, the whole square."""
-    heads = max(1, config.num_attention_heads // tp)
-    d = config.kv_channels or config.hidden_size // config.num_attention_heads
+    heads = max(1, shape.num_heads // tp)
+    d = shape.head_dim
     half = max(seq_len // 2, 8)
     shapes = dict.fromkeys([(half, half), (min(half, 2048), seq_len), (min(seq_len, 2048), seq_len)])
     table = []
@@ -160,12 +146,10 @@ def _measure_attention(config, tp, seq_len, device, dtype):
     return tuple(table)
 
 
-def _measure_link(config, batch, seq_len, device, dtype, group):
+def _measure_link(shape: ModelShape, batch, seq_len, device, dtype, group):
     """(latency s, seconds per byte) of one all-reduce through the reducer ISO uses."""
-    from .comm import make_reducer
-
-    reducer = make_reducer(group)
-    h = config.hidden_size
+    reducer = comm.make_reducer(group)
+    h = shape.hidden
     sizes = (_SMALL_TOKENS * batch, max(seq_len // 2, 2 * _SMALL_TOKENS) * batch)
     times = []
     for tokens in sizes:
@@ -179,25 +163,25 @@ def _measure_link(config, batch, seq_len, device, dtype, group):
     return latency, per_byte
 
 
-def calibrate(config, seq_len: int, batch: int, tp: int) -> Calibration:
+def calibrate(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp: int) -> Calibration:
     """Measure this machine (collectively over the TP group, identical result on every rank)."""
-    device, group = _device_and_group()
-    dtype = config.params_dtype
+    device, group, dtype = torch.device(env.device), env.group, env.dtype
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    dims = (config.hidden_size, config.ffn_hidden_size, config.num_attention_heads,
-            config.num_query_groups, config.kv_channels, str(dtype))
-    base_key = (_factory_key(), device.type, dims, tp, batch)
+    dims = (shape.hidden, shape.ffn_hidden, shape.num_heads, shape.num_query_groups, shape.head_dim,
+            str(dtype))
+    # the reducer backend in use is part of the key: an emulated link calibrates as itself
+    base_key = (comm.reducer_key(), device.type, dims, tp, batch)
     key = base_key + (bucket_of(seq_len),)
     if key in _calibrations:
         return _calibrations[key]
-    tflops, bw = _measure_compute(config, tp, device, dtype, sync)
+    tflops, bw = _measure_compute(shape, tp, device, dtype, sync)
     if device.type == "cpu":
-        table = _measure_attention(config, tp, bucket_of(seq_len), device, dtype)
+        table = _measure_attention(shape, tp, bucket_of(seq_len), device, dtype)
         step = CPU_STEP_OVERHEAD_S
     else:
         table, step = (), CUDA_STEP_OVERHEAD_S
     if tp > 1 and group is not None:
-        latency, per_byte = _measure_link(config, batch, bucket_of(seq_len), device, dtype, group)
+        latency, per_byte = _measure_link(shape, batch, bucket_of(seq_len), device, dtype, group)
     else:
         latency, per_byte = 0.0, 1e-15
     # Slowest rank's figures, identical on every rank: slow = large time, small rate.
@@ -217,19 +201,16 @@ def calibrate(config, seq_len: int, batch: int, tp: int) -> Calibration:
     return cal
 
 
-def plan_for(config, seq_len: int, batch: int, tp: int, max_chunks: int,
+def plan_for(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp: int, max_chunks: int,
              calibration: Optional[Calibration] = None) -> AutoPlan:
     """The cached (or new) plan of seq_len's bucket. Collective on first use of a bucket."""
-    from . import costmodel as cm
-
-    cal = calibration or calibrate(config, seq_len, batch, tp)
+    cal = calibration or calibrate(shape, env, seq_len, batch, tp)
     b = bucket_of(seq_len)
-    key = (cal, b, batch, tp, max_chunks, config.num_layers)
+    key = (cal, b, batch, tp, max_chunks, shape)
     if key in _plans:
         return _plans[key]
-    shape = cm.ModelShape.from_megatron_config(config)
     device, link = cal.device(), cal.link()
-    dtype_bytes = torch.tensor([], dtype=config.params_dtype).element_size()
+    dtype_bytes = torch.tensor([], dtype=env.dtype).element_size()
     grid = tuple(sorted({64 * 2 ** i for i in range(9)} | {b}))
     min_tokens = cm.min_tokens_for(shape, device, link, tp, batch, grid=tuple(g for g in grid if g <= max(b, 64)),
                                    min_gain=MIN_GAIN, max_chunks=max_chunks) if tp > 1 else None
@@ -238,7 +219,7 @@ def plan_for(config, seq_len: int, batch: int, tp: int, max_chunks: int,
         simple = min([(cm.predict(shape, device, link, tp, b, batch, num_chunks=2, split=sp, dtype_bytes=dtype_bytes),
                        sp) for sp in ("even", "balanced")], key=lambda x: x[0].iso_ms)
         if plan.predicted_ms > simple[0].iso_ms - SEARCH_MARGIN * plan.baseline_ms:
-            bounds = chunk_boundaries(b, 2, simple[1], cm.token_cost(shape))
+            bounds = chunk_boundaries(b, 2, simple[1], TokenCost.from_shape(shape))
             plan = cm.Plan(2, bounds, simple[0].iso_ms, plan.baseline_ms)
     fractions = None
     if plan.num_chunks > 1 and plan.predicted_ms <= plan.baseline_ms * (1 - MIN_GAIN):
@@ -248,37 +229,31 @@ def plan_for(config, seq_len: int, batch: int, tp: int, max_chunks: int,
     return result
 
 
-def auto_boundaries(config, seq_len: int, batch: int, tp: int, max_chunks: int,
-                    cost: TokenCost) -> Optional[List[int]]:
-    """Boundaries for this prefill, or None to run the stock path.
+def auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp: int,
+              max_chunks: int) -> PrefillPlan:
+    """The plan for this prefill: a split predicted at least MIN_GAIN faster than stock, else
+    the stock path (with the reason).
 
-    Called by `transformer.plan_prefill` on every rank of the TP group with the same arguments;
+    Called through `planner.plan_prefill` on every rank of the TP group with the same arguments;
     the first call of a bucket is collective (calibration), later ones are cache hits.
     """
-    global last
     if tp < 2 or max_chunks < 2 or seq_len < 2:
-        return None
-    plan = plan_for(config, seq_len, batch, tp, max_chunks)
-    bounds = None
-    why = "stock: no split predicted to pay"
-    if plan.fractions is not None and (plan.min_tokens is None or seq_len < plan.min_tokens):
-        why = f"stock: prompt shorter than min_tokens={plan.min_tokens}"
-    elif plan.fractions is not None:
-        bounds = chunk_boundaries(seq_len, len(plan.fractions), list(_normalised(plan.fractions)))
-        # the exact length: the plan must still be predicted faster than stock
-        from . import costmodel as cm
-
-        cal = calibrate(config, seq_len, batch, tp)
-        dtype_bytes = torch.tensor([], dtype=config.params_dtype).element_size()
-        p = cm.predict(cm.ModelShape.from_megatron_config(config), cal.device(), cal.link(), tp, seq_len,
-                       batch, boundaries=bounds, dtype_bytes=dtype_bytes)
-        if not p.iso_ms <= p.baseline_ms * (1 - MIN_GAIN) or len(bounds) < 3:
-            bounds, why = None, "stock: split not predicted faster at this length"
-        else:
-            why = f"split predicted {p.iso_ms:.2f} ms vs stock {p.baseline_ms:.2f} ms"
-    last = dict(seq_len=seq_len, bucket=plan.bucket, boundaries=bounds, min_tokens=plan.min_tokens,
-                predicted_ms=plan.predicted_ms, baseline_ms=plan.baseline_ms, why=why)
-    return bounds
+        return stock("auto: nothing to split")
+    plan = plan_for(shape, env, seq_len, batch, tp, max_chunks)
+    if plan.fractions is None:
+        return PrefillPlan(None, "auto: no split predicted to pay", plan.predicted_ms, plan.baseline_ms)
+    if plan.min_tokens is None or seq_len < plan.min_tokens:
+        return PrefillPlan(None, f"auto: prompt shorter than the calibrated min_tokens={plan.min_tokens}",
+                           plan.predicted_ms, plan.baseline_ms)
+    bounds = chunk_boundaries(seq_len, len(plan.fractions), list(_normalised(plan.fractions)))
+    # the exact length: the plan must still be predicted faster than stock
+    cal = calibrate(shape, env, seq_len, batch, tp)
+    dtype_bytes = torch.tensor([], dtype=env.dtype).element_size()
+    p = cm.predict(shape, cal.device(), cal.link(), tp, seq_len, batch, boundaries=bounds, dtype_bytes=dtype_bytes)
+    if not p.iso_ms <= p.baseline_ms * (1 - MIN_GAIN) or len(bounds) < 3:
+        return PrefillPlan(None, "auto: split not predicted faster at this length", p.iso_ms, p.baseline_ms)
+    return PrefillPlan(tuple(bounds), f"auto: {len(bounds) - 1} chunks predicted {p.iso_ms:.2f} ms "
+                                      f"vs stock {p.baseline_ms:.2f} ms", p.iso_ms, p.baseline_ms)
 
 
 def _normalised(fractions):

@@ -10,10 +10,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from ..classes import swap_classes
+from ..config import ISOConfig
 from . import compat
-from .config import ISOConfig
 from .layers import iso_classes
-from .transformer import ISOTransformerBlock, ISOTransformerLayer, check_config, check_layer
+from .block import ISOTransformerBlock, ISOTransformerLayer, check_config, check_layer
 
 
 def _swap_spec(obj, mapping):
@@ -77,7 +78,8 @@ def apply_iso(model, iso_config: Optional[ISOConfig] = None):
         for m in model.modules():
             if type(m) in to_stock:
                 m.__class__ = to_stock[type(m)]
-                m.__dict__.pop("in_iso_block", None)
+                for attr in ("in_iso_block", "iso_plan", "iso_config"):  # ISO state goes with ISO
+                    m.__dict__.pop(attr, None)
         return model
 
     # Check everything before changing anything: a model is converted whole or not at all.
@@ -94,17 +96,7 @@ def apply_iso(model, iso_config: Optional[ISOConfig] = None):
                       getattr(layer.mlp, "linear_fc2", None)):
                 if type(m) in to_iso:
                     swaps.append((m, to_iso[type(m)]))
-    original = [(m, type(m)) for m, _ in swaps]
-    for m, cls in swaps:
-        m.__class__ = cls
-    try:
-        for block in blocks:
-            for layer in block.layers:
-                check_layer(layer)
-    except ValueError:
-        for m, cls in original:  # as it was before this call
-            m.__class__ = cls
-        raise
+    swap_classes(swaps, lambda: [check_layer(layer) for block in blocks for layer in block.layers])
     for block in blocks:
         block.iso_config = iso_config
         for layer in block.layers:

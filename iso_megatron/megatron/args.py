@@ -14,7 +14,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import DEFAULT_MIN_TOKENS, ISOConfig
+from .. import cli
 
 # The embedded default model (no --load): small, seeded, Llama-style, byte-level tokenizer.
 EMBEDDED_DEFAULT = dict(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8,
@@ -35,15 +35,7 @@ CHECKPOINT_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attentio
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model (Megatron-LM names)")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=None,
-                   help="TP size; default: the number of processes (torchrun --nproc-per-node)")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--ffn-hidden-size", type=int, help="default 4*hidden (swiglu: 8/3*hidden, /64*64)")
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int, default=1)
+    g = cli.add_shape_args(p)  # the shape flags every launcher shares; Megatron-only ones below
     g.add_argument("--kv-channels", type=int, help="default hidden/heads")
     g.add_argument("--seq-length", type=int)
     g.add_argument("--max-position-embeddings", type=int)
@@ -59,13 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--apply-residual-connection-post-layernorm", action="store_true")
     g.add_argument("--qk-layernorm", action="store_true")
-    g.add_argument("--vocab-size", type=int, help="unpadded vocabulary (default: the tokenizer's)")
     g.add_argument("--padded-vocab-size", type=int, help="padded vocabulary, as stored in checkpoints")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
     c = p.add_argument_group("checkpoint and tokenizer (Megatron-LM names)")
     c.add_argument("--load", help="checkpoint directory (Megatron torch/torch_dist or DeepSpeed)")
@@ -78,33 +65,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--tokenizer-model")
     c.add_argument("--vocab-file")
     c.add_argument("--merge-file")
-
-
-def add_iso_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("ISO")
-    g.add_argument("--iso", dest="iso", action="store_true", default=True,
-                   help="intra-sequence overlap in prefill (default on)")
-    g.add_argument("--no-iso", dest="iso", action="store_false")
-    g.add_argument("--iso-chunks", type=int, default=2)
-    g.add_argument("--iso-split", default="balanced", help="even | balanced | auto | f1,f2,...")
-    g.add_argument("--iso-min-tokens", type=int, default=None,
-                   help=f"prompts shorter run stock (default {DEFAULT_MIN_TOKENS}; auto: chosen by the cost model)")
-
-
-def iso_config_from_args(args) -> ISOConfig:
-    split = args.iso_split
-    if split not in ("even", "balanced", "auto"):
-        try:
-            split = tuple(float(f) for f in split.split(","))
-        except ValueError:
-            raise ValueError(f"--iso-split: expected even, balanced, auto or comma-separated "
-                             f"fractions, got {args.iso_split!r}") from None
-    chunks = len(split) if isinstance(split, tuple) else args.iso_chunks
-    try:
-        return ISOConfig(num_chunks=chunks, split=split, min_tokens=args.iso_min_tokens,
-                         enabled=args.iso)
-    except ValueError as e:
-        raise ValueError(f"--iso-*: {e}") from None
 
 
 def vocab_size_with_padding(orig_vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -196,7 +156,8 @@ def parse_args(extra_args_provider, argv: Optional[List[str]] = None, defaults: 
     p = argparse.ArgumentParser(prog="launch/infer.py", allow_abbrev=False,
                                 description="ISO prefill + decode of a Megatron-core GPT model")
     add_model_args(p)
-    add_iso_args(p)
+    cli.add_iso_args(p)
+    cli.add_timing_args(p, repeats=5, warmup=1)
     extra_args_provider(p)
     p.set_defaults(**(defaults or {}))
     return p.parse_args(argv), p

@@ -1,4 +1,8 @@
-"""Chunk boundaries along the sequence: `even`, `balanced`, or explicit fractions.
+"""How to split THIS prompt: the one place the Megatron and the Hugging Face adapters ask.
+
+`plan_prefill` answers with a `PrefillPlan`: the chunk boundaries, or None for the stock path,
+and why. Splits: `even`, `balanced`, explicit fractions, or `auto` (the cost model calibrated on
+the running machine, `iso_megatron.calibrate`); `min_tokens` and TP 1 step aside.
 
 Boundaries are whole tokens, strictly increasing, so no chunk is empty. `balanced` equalises
 each chunk's compute: the linear layers cost `linear` per token, causal attention costs
@@ -10,24 +14,67 @@ solves F(b_i) = i/K * F(s): chunk 0 gets more than 1/K of the tokens, more so fo
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Sequence, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+from .shape import ModelShape, TokenCost
 
 Split = Union[str, Sequence[float]]
 
 
-class TokenCost(NamedTuple):
-    """Relative compute of one token through the linear layers, and of one attention pair."""
+class PrefillPlan(NamedTuple):
+    """What one prefill forward ran: `bounds` (token offsets [0, ..., s]) or None for the
+    stock path, and `reason`. The adapters record the latest one (`iso_plan`) for launchers,
+    benchmarks and tests to read."""
 
-    linear: float
-    attn_pair: float
+    bounds: Optional[Tuple[int, ...]]
+    reason: str
+    predicted_ms: Optional[float] = None  # split="auto": the cost model's ISO prediction
+    baseline_ms: Optional[float] = None   # split="auto": ... and its stock prediction
 
-    @classmethod
-    def from_dims(cls, hidden: int, ffn_hidden: int, kv_hidden: int, gated: bool) -> "TokenCost":
-        # FLOPs per token of one layer: qkv, proj, fc1 (x2 when gated), fc2; per (q, k) pair:
-        # QK^T and PV over `hidden` channels. TP divides both alike, so it cancels.
-        linear = 2 * (hidden * (hidden + 2 * kv_hidden) + hidden * hidden
-                      + hidden * ffn_hidden * (2 if gated else 1) + ffn_hidden * hidden)
-        return cls(float(linear), float(4 * hidden))
+    @property
+    def num_chunks(self) -> int:
+        return 1 if self.bounds is None else len(self.bounds) - 1
+
+
+def stock(reason: str) -> PrefillPlan:
+    return PrefillPlan(None, reason)
+
+
+class Environment(NamedTuple):
+    """Where a prefill runs, for split="auto" to measure: torch device, dtype, TP group."""
+
+    device: object
+    dtype: object
+    group: object
+
+
+def plan_prefill(iso, shape: ModelShape, seq_len: int, batch: int, tp: int,
+                 env: Optional[Environment] = None) -> PrefillPlan:
+    """The plan for a prefill of `seq_len` tokens (x `batch`) at tensor-parallel size `tp`.
+
+    `iso` is an ISOConfig (None: stock). The adapters call this only after their own checks
+    (training, decode, masks, ...) passed. split="auto" needs `env` and is collective over the
+    TP group on first use of a length bucket (every rank calls it with the same arguments).
+    """
+    if iso is None or not iso.enabled:
+        return stock("ISO disabled")
+    if iso.num_chunks < 2:
+        return stock("num_chunks=1")
+    if tp < 2:
+        return stock("tensor-parallel size 1: nothing to overlap")
+    if seq_len < max(iso.min_tokens, 2):
+        return stock(f"prompt of {seq_len} tokens is shorter than min_tokens={iso.min_tokens}")
+    if iso.split == "auto":
+        if env is None:
+            raise ValueError("split='auto' needs the device, dtype and TP group to calibrate on")
+        from .calibrate import auto_plan
+
+        return auto_plan(shape, env, seq_len, batch, tp, iso.num_chunks)
+    bounds = chunk_boundaries(seq_len, iso.num_chunks, iso.split, TokenCost.from_shape(shape))
+    if len(bounds) <= 2:
+        return stock(f"prompt of {seq_len} tokens is too short to split")
+    split = iso.split if isinstance(iso.split, str) else "fractions"
+    return PrefillPlan(tuple(bounds), f"{split} split into {len(bounds) - 1} chunks")
 
 
 def _cumulative(t: float, cost: TokenCost) -> float:
@@ -78,7 +125,9 @@ def chunk_boundaries(seq_len: int, num_chunks: int, split: Split = "even",
         k = min(num_chunks, seq_len)
         if split == "even":
             points = [i * seq_len / k for i in range(1, k)]
-        else:  # balanced (auto without a plan falls back to balanced)
+        else:  # balanced
+            if split == "auto":
+                raise ValueError("chunk_boundaries: split='auto' is planned by plan_prefill")
             total = _cumulative(seq_len, cost)
             points = [_inverse(i * total / k, cost) for i in range(1, k)]
     bounds = [0]

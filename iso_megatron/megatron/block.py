@@ -1,15 +1,16 @@
 """The ISO transformer block and layer: megatron-core's own, with a chunked, overlapped prefill.
 
-`run_prefill` is the executor: it walks `schedule.prefill_schedule` and does, per step, what
-the stock layer does for the whole sequence, on one chunk (`MegatronSteps`; the Hugging Face
-path supplies its own steps to the same executor):
+The executor (`schedule.run_prefill`) walks the schedule; `MegatronChunkOps` does, per step,
+what the stock layer does for the whole sequence, on one chunk:
   attn compute   input_layernorm -> self_attention (linear_proj's reduce deferred)
   mlp compute    pre_mlp_layernorm -> mlp (linear_fc2's reduce deferred)
   reduce         start the all-reduce of that partial sum
   finish         wait for it, then the stock bias-dropout-add onto the residual
 
 Anything ISO does not handle (training, TP 1, decode, short prompts, packed sequences,
-dynamic batching, ...) runs the stock code unchanged: `plan_prefill` decides.
+dynamic batching, ...) runs the stock code unchanged: `plan_forward` checks what only Megatron
+knows, `planner.plan_prefill` the rest. What a forward ran is recorded in ONE place: the block's
+(or, used alone, the layer's) `iso_plan`, a `planner.PrefillPlan` (bounds None = stock).
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import contextmanager
-from typing import List, Optional
+from typing import Optional
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from .. import comm
+from ..config import ISOConfig, tp_divisibility_error
+from ..planner import Environment, PrefillPlan, plan_prefill, stock
+from ..schedule import run_prefill
+from ..shape import ModelShape
 from . import compat
-from .comm import make_reducer
-from .config import ISOConfig
 from .layers import ChunkAttentionMixin, DeferredReduceMixin
-from .schedule import prefill_schedule
-from .split import TokenCost, chunk_boundaries
 
 _BLOCK_FORWARD = inspect.signature(TransformerBlock.forward)
 _LAYER_FORWARD = inspect.signature(TransformerLayer._forward_attention)
@@ -42,14 +44,9 @@ def check_config(config, tp_size: int) -> None:
     if getattr(config, "sequence_parallel", False):
         raise ValueError("ISO needs sequence_parallel=False: it overlaps the TP all-reduce, "
                          "which sequence parallelism replaces by reduce-scatter/all-gather")
-    heads = config.num_attention_heads
-    groups = config.num_query_groups or heads
-    if heads % tp_size:
-        raise ValueError(f"num_attention_heads ({heads}) is not divisible by the "
-                         f"tensor-parallel size ({tp_size})")
-    if groups % tp_size and tp_size % groups:  # megatron replicates K/V heads when tp > groups
-        raise ValueError(f"num_query_groups ({groups}) must be a multiple or divisor of the "
-                         f"tensor-parallel size ({tp_size})")
+    error = tp_divisibility_error(config.num_attention_heads, config.num_query_groups, tp_size)
+    if error:
+        raise ValueError(error)
 
 
 def check_layer(layer: TransformerLayer) -> None:
@@ -76,45 +73,39 @@ def check_layer(layer: TransformerLayer) -> None:
 
 # ---- deciding whether a forward is an ISO prefill -------------------------------------------
 
-def plan_prefill(iso: Optional[ISOConfig], config, training: bool, hidden_states, args) -> Optional[List[int]]:
-    """Chunk boundaries when this forward should run the ISO schedule, else None (stock)."""
-    if iso is None or not iso.enabled or training or iso.num_chunks < 2:
-        return None
-    if compat.tp_world_size() < 2:
-        return None  # nothing to overlap
+_UNSUPPORTED_ARGS = ("packed_seq_params", "attention_bias", "context", "rotary_pos_cos",
+                     "rotary_pos_sin", "rotary_pos_cos_sin")
+
+
+def plan_forward(iso: Optional[ISOConfig], config, training: bool, hidden_states, args,
+                 group) -> PrefillPlan:
+    """The plan of this forward: what only Megatron knows here, then `planner.plan_prefill`."""
+    if iso is None or not iso.enabled:
+        return stock("ISO disabled")
+    if training:
+        return stock("training")
     if torch.is_grad_enabled() and hidden_states.requires_grad:
-        return None  # autograd through deferred in-place reduces is not supported: stock path
-    seq_len = hidden_states.size(0)
-    if seq_len < max(iso.min_tokens, 2):
-        return None
+        return stock("autograd: deferred in-place reduces are not differentiable here")
     ctx = args.get("inference_context")
     if ctx is None and args.get("inference_params") is not None:  # megatron's deprecated alias
         ctx = args["inference_context"] = args["inference_params"]
     if ctx is not None and not (ctx.is_static_batching() and not ctx.is_decode_only()
                                 and ctx.sequence_len_offset == 0):
-        return None  # decode steps, chunked continuation, dynamic batching: stock
-    if any(args.get(k) is not None for k in
-           ("packed_seq_params", "attention_bias", "context", "rotary_pos_cos", "rotary_pos_sin",
-            "rotary_pos_cos_sin")):
-        return None
+        return stock("decode step, continued prefill or dynamic batching")
+    unsupported = [k for k in _UNSUPPORTED_ARGS if args.get(k) is not None]
+    if unsupported:
+        return stock(f"forward argument {unsupported[0]} is not supported by ISO")
     if getattr(config, "fp8", None) or getattr(config, "fp4", None):
-        return None
+        return stock("fp8/fp4")
     if getattr(config, "flash_decode", False) or getattr(config, "fused_single_qkv_rope", False):
-        return None  # their static-context branches assume decode (one position's RoPE)
+        return stock("flash_decode / fused_single_qkv_rope")  # their static-context branches assume decode
+    seq_len = hidden_states.size(0)
     mask = args.get("attention_mask")
     if mask is not None and tuple(mask.shape[-2:]) != (seq_len, seq_len):
-        return None
-    cost = TokenCost.from_dims(config.hidden_size, config.ffn_hidden_size,
-                               config.kv_channels * (config.num_query_groups or config.num_attention_heads),
-                               config.gated_linear_unit)
-    if iso.split == "auto":
-        from .autosplit import auto_boundaries
-
-        bounds = auto_boundaries(config, seq_len, hidden_states.size(1), compat.tp_world_size(),
-                                 iso.num_chunks, cost)
-    else:
-        bounds = chunk_boundaries(seq_len, iso.num_chunks, iso.split, cost)
-    return bounds if bounds is not None and len(bounds) > 2 else None
+        return stock("attention mask is not [.., s, s]")
+    env = Environment(hidden_states.device, config.params_dtype, group)
+    return plan_prefill(iso, ModelShape.from_megatron_config(config), seq_len, hidden_states.size(1),
+                        comm.tp_size(group), env)
 
 
 def chunk_mask(mask, start: int, end: int, device):
@@ -124,39 +115,9 @@ def chunk_mask(mask, start: int, end: int, device):
     return torch.ones(end - start, end, dtype=torch.bool, device=device).triu(start + 1)[None, None]
 
 
-# ---- the executor --------------------------------------------------------------------------
+# ---- the chunk steps of megatron-core layers --------------------------------------------
 
-def run_prefill(steps, num_layers: int, chunks: List[torch.Tensor], reducer) -> List[torch.Tensor]:
-    """Walk the ISO schedule. `steps` computes one layer part of one chunk (framework-specific):
-      steps.attention(layer, chunk, hidden) -> (partial, bias)   reduce deferred
-      steps.mlp(layer, chunk, hidden)       -> (partial, bias)   reduce deferred
-      steps.finish(layer, part, partial, bias, residual) -> hidden
-    `reducer.start(tensor)` begins an in-place all-reduce and returns a handle with `wait()`.
-    Returns the output hidden states, chunk by chunk.
-    """
-    chunks = list(chunks)
-    in_flight = {}  # (layer, part, chunk) -> [partial sum, bias, residual, reduce handle]
-    try:
-        for step in prefill_schedule(num_layers, len(chunks)):
-            key, c = (step.layer, step.part, step.chunk), step.chunk
-            if step.op == "compute":
-                compute = steps.attention if step.part == "attn" else steps.mlp
-                out, bias = compute(step.layer, c, chunks[c])
-                in_flight[key] = [out, bias, chunks[c], None]
-            elif step.op == "reduce":
-                in_flight[key][3] = reducer.start(in_flight[key][0])
-            else:  # finish
-                out, bias, residual, handle = in_flight.pop(key)
-                handle.wait()
-                chunks[c] = steps.finish(step.layer, step.part, out, bias, residual)
-    finally:
-        for entry in in_flight.values():
-            if entry[3] is not None:  # an exception mid-schedule: leave no reduce dangling
-                entry[3].wait()
-    return chunks
-
-
-class MegatronSteps:
+class MegatronChunkOps:
     """The chunk steps of megatron-core TransformerLayers (what the stock layer does, per chunk).
 
     Attention for chunk c goes through megatron's static KV-cache path with the cache offset at
@@ -223,12 +184,16 @@ def iso_mode(layers):
             m.__dict__.pop("chunk_causal", None)
 
 
+def _tp_group(layers):
+    return compat.tp_group(layers[0].self_attention.linear_proj)
+
+
 def _prefill(layers, hidden_states, bounds, args):
     chunks = [hidden_states[bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
-    steps = MegatronSteps(layers, bounds, args, hidden_states.size(1), hidden_states.device)
-    reducer = make_reducer(compat.tp_group(layers[0].self_attention.linear_proj))
+    ops = MegatronChunkOps(layers, bounds, args, hidden_states.size(1), hidden_states.device)
+    reducer = comm.make_reducer(_tp_group(layers))
     with iso_mode(layers):
-        return run_prefill(steps, len(layers), chunks, reducer)
+        return run_prefill(ops, len(layers), chunks, reducer)
 
 
 # ---- the modules ---------------------------------------------------------------------------
@@ -242,6 +207,7 @@ class ISOTransformerLayer(TransformerLayer):
     """
 
     in_iso_block = False  # set by apply_iso: the block has already decided for this forward
+    iso_plan: Optional[PrefillPlan] = None  # used alone: what the latest forward ran
     _warned_single = False
 
     def __init__(self, config, submodules, *args, iso_config: Optional[ISOConfig] = None, **kwargs):
@@ -256,35 +222,43 @@ class ISOTransformerLayer(TransformerLayer):
         bound = _LAYER_FORWARD.bind(self, *args, **{k: v for k, v in kwargs.items()
                                                     if k != "dynamic_inference_decode_only"}).arguments
         hidden_states = bound["hidden_states"]
-        bounds = plan_prefill(self.iso_config, self.config, self.training, hidden_states, bound)
-        if bounds is None:
+        plan = plan_forward(self.iso_config, self.config, self.training, hidden_states, bound,
+                            _tp_group([self]))
+        self.iso_plan = plan
+        if plan.bounds is None:
             return super().forward(*args, **kwargs)
         if not self._warned_single and self.layer_number == 1:
             warnings.warn("ISO layers run inside a stock TransformerBlock overlap within each "
                           "layer only; call iso_megatron.apply_iso(model) for cross-layer overlap")
             self._warned_single = True
-        chunks = _prefill([self], hidden_states, bounds, bound)
+        chunks = _prefill([self], hidden_states, plan.bounds, bound)
         return torch.cat(chunks, dim=0), bound.get("context")
 
 
 class ISOTransformerBlock(TransformerBlock):
-    """TransformerBlock whose prefill runs the ISO schedule across all its layers."""
+    """TransformerBlock whose prefill runs the ISO schedule across all its layers.
+
+    `iso_plan` (a `planner.PrefillPlan`) records what the latest forward ran: chunk bounds,
+    or None with the reason the stock path ran. Launchers, benchmarks and tests read it.
+    """
 
     iso_config: Optional[ISOConfig] = None
-    last_bounds: Optional[List[int]] = None  # chunk boundaries of the last forward; None = stock
+    iso_plan: Optional[PrefillPlan] = None
 
     def forward(self, *args, **kwargs):
         call = _BLOCK_FORWARD.bind(self, *args, **kwargs)
         bound = call.arguments
         bound["hidden_states"] = compat.unwrap(bound["hidden_states"])  # unwraps only once
         hidden_states = bound["hidden_states"] if self.pre_process else self.input_tensor
-        bounds = plan_prefill(self.iso_config, self.config, self.training, hidden_states, bound)
         if len(self.layers) == 0:
-            bounds = None
-        self.last_bounds = bounds
-        if bounds is None:
+            plan = stock("no layers in this block")
+        else:
+            plan = plan_forward(self.iso_config, self.config, self.training, hidden_states, bound,
+                                _tp_group(self.layers))
+        self.iso_plan = plan
+        if plan.bounds is None:
             return super().forward(*call.args[1:], **call.kwargs)
-        chunks = _prefill(list(self.layers), hidden_states, bounds, bound)
+        chunks = _prefill(list(self.layers), hidden_states, plan.bounds, bound)
         if self.final_layernorm is not None:
             chunks = [self.final_layernorm(c) for c in chunks]
         return torch.cat(chunks, dim=0)

@@ -1,0 +1,42 @@
+"""Checkpoints as users have them, loaded into a megatron-core GPTModel (stock or ISO) at the
+current tensor-parallel (TP) size, whatever TP they were saved at.
+
+    info = find_checkpoint(load_dir)           # local: which format, which iteration, saved TP, args
+    shape = checkpoint_args(load_dir, tp)      # local: Megatron-LM model args stored in it (or None)
+    info = load_checkpoint(model, load_dir)    # collective over the world: every rank calls it
+
+Formats:
+- Megatron `torch_dist` (dist_checkpointing dir: metadata.json, common.pt with 'args', *.distcp):
+  `dist_checkpointing.load(model.sharded_state_dict(), dir)`; megatron reshards.
+- Megatron legacy `torch`: `iter_{:07d}|release/mp_rank_{tp:02d}/model_optim_rng.pt` with 'model',
+  'args', 'checkpoint_version', 'iteration'; each rank reads the saved shards that overlap its own
+  slice and merges/splits every TP-parallel tensor along its partition dimension.
+- DeepSpeed engine `save_checkpoint()`: `latest` names the tag, `{tag}/mp_rank_{:02d}_model_states.pt`
+  with the model under 'module' (Megatron-DeepSpeed also stores 'args' there); resharded as `torch`.
+Key names: Transformer-Engine spec names and Megatron-DeepSpeed / legacy Megatron-LM names map to
+whatever names the built model uses.
+
+Modules:
+  find         locating a checkpoint (formats, tracker files, shard files), CheckpointInfo, the
+               errors, the torch.load of one file
+  keys         key names: canonical names, TE / legacy / DeepSpeed renames, ignored keys
+  stored_args  the Megatron-LM args stored with a checkpoint: checkpoint_args, the TP check
+               (Megatron's rule, config.tp_divisibility_error), heads/groups against the model
+  reshard      merging/splitting `torch` / DeepSpeed TP shards (and the layouts assumed)
+  torch_dist   the dist_checkpointing request, checked against the saved metadata and files
+  load         load_checkpoint and the agreement of errors across ranks
+
+Errors are `CheckpointError` (a ValueError) or `CheckpointNotFoundError` (also a FileNotFoundError).
+`load_checkpoint` raises on EVERY rank when any rank fails: after each local step the ranks all-reduce
+a failure flag (gloo) and, on failure, all raise the failing rank's message. Checkpoint files are
+pickles (as Megatron loads them): load only checkpoints you trust.
+"""
+
+from .find import CheckpointError, CheckpointInfo, CheckpointNotFoundError, find_checkpoint
+from .keys import canonical_name, is_ignored_key
+from .load import load_checkpoint
+from .stored_args import check_tp, checkpoint_args
+
+__all__ = ["load_checkpoint", "checkpoint_args", "find_checkpoint", "CheckpointError",
+           "CheckpointNotFoundError", "CheckpointInfo", "canonical_name", "is_ignored_key",
+           "check_tp"]

@@ -1,0 +1,245 @@
+"""Finding a checkpoint (local, no collectives): which format, which iteration, the saved TP
+size and the args stored with it; the checkpoint errors and the torch.load of one file."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import types
+from argparse import Namespace
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+FORMATS = ("torch", "torch_dist", "deepspeed")
+MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
+DEEPSPEED_TRACKER = "latest"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this model; the message names the problem."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The directory, tracker target or a shard file does not exist."""
+
+
+@dataclass
+class CheckpointInfo:
+    format: str                      # "torch" | "torch_dist" | "deepspeed"
+    directory: str                   # the directory holding this iteration's files
+    load_dir: str                    # what the user passed
+    iteration: Optional[int] = None  # None for `release` and non-numeric DeepSpeed tags
+    tag: Optional[str] = None        # "iter_0000010", "release", or the DeepSpeed tag
+    tp: Optional[int] = None         # saved TP size (torch_dist: from args, if stored)
+    args: Optional[Namespace] = None  # Megatron-LM args stored with the checkpoint
+    checkpoint_version: Optional[float] = None
+    files: list = field(default_factory=list)  # per saved TP rank (torch, deepspeed)
+
+
+def _brief(error: BaseException) -> str:
+    """`Type: first sentence` of an exception from torch/pickle (their messages run long)."""
+    text = re.split(r"(?<=[.!?])\s", str(error).strip(), maxsplit=1)[0]
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+def _ranked(directory: str, pattern: str) -> dict:
+    """{rank: name} of the entries of `directory` matching `pattern` (one group: the rank)."""
+    out = {}
+    for name in os.listdir(directory):
+        m = re.fullmatch(pattern, name)
+        if m:
+            out[int(m.group(1))] = name
+    return out
+
+
+def _detect_format(directory: str) -> Optional[str]:
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isdir(directory):
+        return None
+    if os.path.exists(os.path.join(directory, "metadata.json")):
+        if not dist_checkpointing.check_is_distributed_checkpoint(directory):
+            raise CheckpointError(f"{os.path.join(directory, 'metadata.json')} is not a valid "
+                                  "dist_checkpointing metadata file (corrupt?)")
+        return "torch_dist"
+    names = os.listdir(directory)
+    if any(re.fullmatch(r"mp_rank_\d\d_\d\d\d(_\d\d\d)?", n) for n in names):
+        raise CheckpointError(f"{directory} holds a pipeline/expert-parallel torch checkpoint "
+                              "(mp_rank_XX_YYY): only pipeline-parallel size 1 is supported")
+    if any(re.fullmatch(r"mp_rank_\d\d", n) for n in names):
+        return "torch"
+    if any(re.fullmatch(r"mp_rank_\d\d_model_states\.pt", n) for n in names):
+        return "deepspeed"
+    if any(re.fullmatch(r"layer_\d+-model_\d\d-model_states\.pt", n) for n in names):
+        raise CheckpointError(f"{directory} holds a DeepSpeed pipeline-module checkpoint "
+                              "(layer_XX-model_YY-model_states.pt): not supported")
+    return None
+
+
+def _read_tracker(path: str) -> str:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError as e:
+        raise CheckpointError(f"cannot read tracker file {path}: {e}") from e
+    if not text:
+        raise CheckpointError(f"tracker file {path} is empty")
+    return text
+
+
+def _megatron_target(load_dir: str):
+    """(directory, iteration, tag) named by latest_checkpointed_iteration.txt."""
+    tracker = os.path.join(load_dir, MEGATRON_TRACKER)
+    text = _read_tracker(tracker)
+    if text == "release":
+        return os.path.join(load_dir, "release"), None, "release"
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise CheckpointError(f"tracker file {tracker} holds {text[:40]!r}: expected an iteration "
+                              "number or 'release'") from None
+    tag = f"iter_{iteration:07d}"
+    return os.path.join(load_dir, tag), iteration, tag
+
+
+def _deepspeed_target(load_dir: str):
+    tracker = os.path.join(load_dir, DEEPSPEED_TRACKER)
+    tag = _read_tracker(tracker)
+    if "/" in tag or "\n" in tag:
+        raise CheckpointError(f"tracker file {tracker} holds {tag[:40]!r}: expected a tag name")
+    m = re.search(r"(\d+)$", tag)
+    return os.path.join(load_dir, tag), (int(m.group(1)) if m else None), tag
+
+
+def _shard_files(directory: str, fmt: str) -> list:
+    if fmt == "torch":
+        ranks = _ranked(directory, r"mp_rank_(\d\d)")
+        files = {r: os.path.join(directory, n, "model_optim_rng.pt") for r, n in ranks.items()}
+    else:
+        ranks = _ranked(directory, r"mp_rank_(\d\d)_model_states\.pt")
+        files = {r: os.path.join(directory, n) for r, n in ranks.items()}
+    if sorted(files) != list(range(len(files))):
+        raise CheckpointError(f"{directory}: TP shards {sorted(files)} are not 0..{len(files) - 1} "
+                              "(incomplete checkpoint?)")
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise CheckpointNotFoundError(f"checkpoint shard file {path} is missing")
+    return [files[r] for r in range(len(files))]
+
+
+class _LenientUnpickler(pickle.Unpickler):
+    """Old Megatron checkpoints pickle classes of modules that no longer exist (loss scalers,
+    `megatron.model` enums): stand-ins let the model weights load."""
+
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return type(name, (), {"__module__": module, "__init__": lambda self, *a, **k: None,
+                                   "__setstate__": lambda self, state: None})
+
+
+_lenient_pickle = types.SimpleNamespace(Unpickler=_LenientUnpickler, load=pickle.load,
+                                        __name__="pickle")
+
+
+def _torch_load(path: str) -> dict:
+    """torch.load of a Megatron/DeepSpeed file (pickled args): memory-mapped where possible."""
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"checkpoint file {path} is missing")
+    errors = []
+    for kw in (dict(mmap=True), dict(), dict(pickle_module=_lenient_pickle)):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False, **kw)
+            break
+        except Exception as e:  # truncated zip, legacy non-zip file, missing pickled class
+            errors.append(e)
+    else:
+        error = errors[1]  # the plain torch.load's
+        raise CheckpointError(f"cannot read checkpoint file {path} (truncated or corrupt?): "
+                              f"{_brief(error)}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {path} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def find_checkpoint(load_dir: str, ckpt_format: str = "auto") -> CheckpointInfo:
+    """The checkpoint that `load_dir` names (Megatron tracker, DeepSpeed `latest`, or the
+    iteration directory itself), its format, saved TP and stored args. Local: no collectives."""
+    if ckpt_format not in ("auto",) + FORMATS:
+        raise CheckpointError(f"unknown checkpoint format {ckpt_format!r}: choose auto, "
+                              + ", ".join(FORMATS))
+    if not load_dir or not os.path.isdir(load_dir):
+        raise CheckpointNotFoundError(f"checkpoint directory {load_dir!r} does not exist")
+    load_dir = os.path.abspath(load_dir)
+    trackers = []  # (directory, iteration, tag, tracker file)
+    if os.path.isfile(os.path.join(load_dir, MEGATRON_TRACKER)):
+        trackers.append(_megatron_target(load_dir) + (MEGATRON_TRACKER,))
+    if os.path.isfile(os.path.join(load_dir, DEEPSPEED_TRACKER)):
+        trackers.append(_deepspeed_target(load_dir) + (DEEPSPEED_TRACKER,))
+    if ckpt_format == "deepspeed":  # Megatron-DeepSpeed writes both trackers
+        trackers.sort(key=lambda c: c[3] != DEEPSPEED_TRACKER)
+
+    found = None
+    for directory, iteration, tag, _ in trackers:
+        fmt = _detect_format(directory)
+        if fmt is not None:
+            found = (directory, iteration, tag, fmt)
+            break
+    if found is None and trackers:
+        directory, _, tag, tracker = trackers[0]
+        raise CheckpointNotFoundError(
+            f"{os.path.join(load_dir, tracker)} names {tag!r}, but {directory} "
+            + ("does not exist" if not os.path.isdir(directory) else "holds no checkpoint files"))
+    if found is None:  # the iteration directory itself
+        fmt = _detect_format(load_dir)
+        if fmt is not None:
+            tag = os.path.basename(load_dir)
+            m = re.fullmatch(r"(?:iter_|global_step)(\d+)", tag)
+            found = (load_dir, int(m.group(1)) if m else None, tag, fmt)
+    if found is None:
+        iters = sorted(n for n in os.listdir(load_dir) if re.fullmatch(r"iter_\d{7}|release", n))
+        hint = f" (found {', '.join(iters[-3:])} but no tracker file: pass that directory)" if iters else ""
+        raise CheckpointNotFoundError(
+            f"no checkpoint found in {load_dir}: looked for {MEGATRON_TRACKER} (Megatron), "
+            f"'{DEEPSPEED_TRACKER}' (DeepSpeed), or checkpoint files in the directory itself "
+            "(metadata.json of torch_dist, mp_rank_XX/model_optim_rng.pt, "
+            f"mp_rank_XX_model_states.pt){hint}")
+    directory, iteration, tag, fmt = found
+    if ckpt_format not in ("auto", fmt):
+        raise CheckpointError(f"--ckpt-format {ckpt_format} was asked for, but {directory} holds a "
+                              f"{fmt} checkpoint")
+    info = CheckpointInfo(format=fmt, directory=directory, load_dir=load_dir, iteration=iteration,
+                          tag=tag)
+    if fmt == "torch_dist":
+        from megatron.core import dist_checkpointing
+
+        try:
+            common = dist_checkpointing.load_common_state_dict(directory)
+        except Exception as e:
+            raise CheckpointError(f"cannot read {os.path.join(directory, 'common.pt')} (truncated or "
+                                  f"corrupt?): {_brief(e)}") from e
+        info.args = common.get("args")
+        info.checkpoint_version = common.get("checkpoint_version")
+        info.tp = getattr(info.args, "tensor_model_parallel_size", None)
+        if info.iteration is None and isinstance(common.get("iteration"), int) and tag != "release":
+            info.iteration = common["iteration"]
+    else:
+        info.files = _shard_files(directory, fmt)
+        info.tp = len(info.files)
+        first = _torch_load(info.files[0])
+        info.args = first.get("args")
+        info.checkpoint_version = first.get("checkpoint_version")
+        if fmt == "deepspeed" and first.get("mp_world_size") not in (None, info.tp):
+            raise CheckpointError(f"{directory}: DeepSpeed saved mp_world_size="
+                                  f"{first['mp_world_size']} but {info.tp} shard files are present")
+    if info.args is not None and not isinstance(info.args, Namespace):
+        info.args = Namespace(**info.args) if isinstance(info.args, dict) else None
+    saved_tp = getattr(info.args, "tensor_model_parallel_size", None)
+    if fmt == "torch" and saved_tp not in (None, info.tp):
+        raise CheckpointError(f"{directory}: args say tensor_model_parallel_size={saved_tp} but "
+                              f"{info.tp} mp_rank_XX shard directories are present (incomplete?)")
+    return info
