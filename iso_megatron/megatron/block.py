@@ -99,6 +99,9 @@ def plan_forward(iso: Optional[ISOConfig], config, training: bool, hidden_states
         return stock("fp8/fp4")
     if getattr(config, "flash_decode", False) or getattr(config, "fused_single_qkv_rope", False):
         return stock("flash_decode / fused_single_qkv_rope")  # their static-context branches assume decode
+    why = compat.unsupported_forward(config, args)
+    if why:
+        return stock(why)
     seq_len = hidden_states.size(0)
     mask = args.get("attention_mask")
     if mask is not None and tuple(mask.shape[-2:]) != (seq_len, seq_len):

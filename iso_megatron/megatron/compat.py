@@ -1,8 +1,31 @@
-"""megatron-core version differences (0.16 on Python 3.11, 0.19 on 3.12), in one place."""
+"""megatron-core version differences, in one place: 0.16.1 and 0.19.2 are tested (CI runs the
+suite in both; tests/test_compat.py has a test per difference, on the version it concerns).
+
+  difference                                         handled by
+  0.13+: the block gets a WrappedTensor in inference  unwrap
+  0.16+: a linear keeps its TP group on the module   tp_group
+  0.19: StaticInferenceContext keeps "materialize     full_prefill_logits (generate.py): prefill
+        only the last token's logits" in its            logits are [s, vocab] whether or not
+        InferenceConfig (default True), honoured        megatron's process-wide InferenceMode is on
+        whenever InferenceMode is active
+  0.19: TransformerBlock.forward(extract_layer_       unsupported_forward: ISO steps aside (stock
+        indices=...) returns (hidden, intermediates)    returns the tuple)
+  0.19: fused_residual_rmsnorm: TE norms return       unsupported_forward: ISO steps aside
+        (out, residual)
+  0.19: GTP weight rematerialisation shards the      unsupported_forward: ISO steps aside (the
+        row-parallel weight further                     deferred GEMM would use a shard)
+  0.19: the MLP is built via MLP.as_mlp_submodule     layers.py / block.py take **kwargs
+        and linears take name=
+Checkpoints (0.19 keeps the common state inside the .distcp files): iso_megatron.megatron.checkpoint.
+"""
 
 from __future__ import annotations
 
+import importlib.metadata
+
 from megatron.core import parallel_state
+
+MEGATRON_CORE_VERSION = tuple(int(p) for p in importlib.metadata.version("megatron-core").split(".")[:2])
 
 try:  # megatron-core >= 0.13 passes WrappedTensor into the block during inference
     from megatron.core.utils import WrappedTensor
@@ -24,3 +47,22 @@ def tp_group(linear):
     """The TP process group of a row-parallel linear (0.16+ keep it on the module)."""
     group = getattr(linear, "tp_group", None)
     return group if group is not None else parallel_state.get_tensor_model_parallel_group()
+
+
+def full_prefill_logits(ctx) -> None:
+    """Make a static inference context's prefill return logits for every prompt position."""
+    ctx.materialize_only_last_token_logits = False  # <= 0.16 read the context's attribute
+    config = getattr(ctx, "config", None)  # 0.19 reads ctx.config.materialize_only_last_token_logits
+    if config is not None and hasattr(config, "materialize_only_last_token_logits"):
+        config.materialize_only_last_token_logits = False
+
+
+def unsupported_forward(config, args) -> "str | None":
+    """Why ISO must leave this forward to the stock code (a 0.19 option it does not run), or None."""
+    if args.get("extract_layer_indices"):
+        return "extract_layer_indices (stock returns the intermediate hidden states)"
+    if getattr(config, "fused_residual_rmsnorm", False):
+        return "fused_residual_rmsnorm (the norms return (out, residual))"
+    if (getattr(config, "gtp_weight_remat_size", None) or 1) > 1:
+        return "GTP weight rematerialisation (the row-parallel weight is sharded further)"
+    return None

@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from . import compat
 from .cpu import causal_mask
 
 
@@ -34,7 +35,7 @@ def _sync(device):
 def prefill(model, ids: torch.Tensor, ctx: StaticInferenceContext, mask: torch.Tensor):
     """Logits [b, s, vocab] for every prompt position; fills ctx's KV cache."""
     b, s = ids.shape
-    ctx.materialize_only_last_token_logits = False
+    compat.full_prefill_logits(ctx)
     pos = torch.arange(s, device=ids.device)[None].expand(b, s)
     return model(ids, pos, mask[..., :s, :s], inference_context=ctx, runtime_gather_output=True)
 
