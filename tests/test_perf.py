@@ -195,9 +195,12 @@ def test_stand_in_plans_iso_as_tp2_in_one_process(proxy):
     # one process: the proxy's "all-reduce" is an identity copy, so ISO is stock, bit for bit
     assert proxy["iso_equal"] and proxy["iso_err"] == 0.0
     assert proxy["stock_err"] == 0.0
-    # stock's reduces take the proxy too (2 layers x 2 + the embedding's), ISO's: 2 x 2 x 2 chunks
-    assert proxy["stock_transfers"] == 2 * 2 + 1
-    assert proxy["iso_transfers"] == 2 * 2 * 2 + 1
+    # stock's reduces take the proxy too (2 layers x 2), ISO's: 2 x 2 x 2 chunks; plus, in both,
+    # the embedding's reduce where megatron routes it through mappings._reduce at TP 1 (0.16: yes,
+    # 0.19: no)
+    embedding = proxy["stock_transfers"] - 2 * 2
+    assert embedding in (0, 1)
+    assert proxy["iso_transfers"] == 2 * 2 * 2 + embedding
 
 
 @pytest.mark.multiprocess
