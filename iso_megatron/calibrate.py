@@ -29,13 +29,13 @@ on (`costmodel.min_tokens_for` with the calibrated profiles), else None (stock p
 from __future__ import annotations
 
 import math
-import time
 from typing import Dict, NamedTuple, Optional
 
 import torch
 
 from . import comm
 from . import costmodel as cm
+from .cli import time_ms
 from .planner import Environment, PrefillPlan, chunk_boundaries, stock
 from .shape import ModelShape, TokenCost
 
@@ -92,17 +92,8 @@ def bucket_of(seq_len: int) -> int:
 
 
 def _timed(fn, reps: int = 2, sync=None) -> float:
-    fn()  # warm-up
-    if sync:
-        sync()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        best = min(best, time.perf_counter() - t0)
-    return max(best, 1e-9)
+    """Seconds of the fastest of `reps` calls after one warm-up (a busy machine only adds time)."""
+    return max(min(time_ms(fn, reps, warmup=1, sync=sync)) / 1e3, 1e-9)
 
 
 def _measure_compute(shape: ModelShape, tp, device, dtype, sync):

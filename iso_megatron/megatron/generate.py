@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from ..cli import median, time_ms
 from . import compat
 from .cpu import causal_mask
 
@@ -109,12 +110,10 @@ def time_prefill(model, prompt_ids: List[int], device=None, repeats: int = 1):
     ids = torch.tensor([prompt_ids], device=device)
     s = ids.size(1)
     mask = causal_mask(s, device=device)
-    times = []
-    for _ in range(repeats):
-        ctx = StaticInferenceContext(1, s)
-        _sync(device)
-        t0 = time.perf_counter()
-        logits = prefill(model, ids, ctx, mask)
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2], logits[0].float()
+    out = {}
+
+    def run():
+        out["logits"] = prefill(model, ids, StaticInferenceContext(1, s), mask)
+
+    times = time_ms(run, repeats, sync=lambda: _sync(device))
+    return median(times), out["logits"][0].float()
