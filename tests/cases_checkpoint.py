@@ -19,7 +19,8 @@ def build_iso(family: str, seed: int = 999, **cfg):
     from iso_megatron import get_gpt_layer_iso_spec
     from iso_megatron.megatron.models import build_gpt, model_config
 
-    build = {k: cfg.pop(k) for k in ("share_embeddings_and_output_weights",) if k in cfg}
+    build = {k: cfg.pop(k) for k in ("share_embeddings_and_output_weights", "vocab_size",
+                                     "max_sequence_length") if k in cfg}
     torch.manual_seed(seed)
     return build_gpt(model_config(family, **cfg), get_gpt_layer_iso_spec(), family=family,
                      **build).eval()
@@ -72,6 +73,29 @@ def _truncate(path: str, keep: float = 0.5):
         f.truncate(int(size * keep))
 
 
+def _overwrite(path: str, offset: int = 0, length: int = None, byte: bytes = b"\xa5"):
+    """Garbage over `length` bytes at `offset` (default: the whole file); the size is kept."""
+    size = os.path.getsize(path)
+    length = size - offset if length is None else length
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(byte * length)
+
+
+def common_state_location(iteration_dir: str):
+    """(file, offset, length) of a torch_dist checkpoint's common state (Megatron args,
+    iteration): common.pt, whole, as megatron-core 0.16 writes it, or the `common_state` entry of
+    a .distcp file, as 0.19 writes it (read from torch's own .metadata)."""
+    path = os.path.join(iteration_dir, "common.pt")
+    if os.path.exists(path):
+        return "common.pt", 0, os.path.getsize(path)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(iteration_dir).read_metadata()
+    item = next(s for i, s in md.storage_data.items() if i.fqn.split("/")[0] == "common_state")
+    return item.relative_path, item.offset, item.length
+
+
 def _catch(fn):
     try:
         fn()
@@ -88,7 +112,8 @@ def errors(root: str):
     rank = dist.get_rank()
     dirs = {name: _dir(root, name) for name in
             ("llama_torch", "llama_dist", "gpt_dist", "heads3", "empty", "bad_tracker", "nowhere",
-             "missing_key", "trunc_torch", "trunc_dist", "trunc_common", "pipeline")}
+             "missing_key", "trunc_torch", "trunc_dist", "trunc_common", "corrupt_common",
+             "corrupt_dist", "pipeline")}
     fx.make_checkpoint("torch", "llama", 2, dirs["llama_torch"])
     fx.make_checkpoint("torch_dist", "llama", 2, dirs["llama_dist"])
     fx.make_checkpoint("torch_dist", "gpt", 2, dirs["gpt_dist"])
@@ -102,7 +127,8 @@ def errors(root: str):
             f.write("20")
         os.makedirs(os.path.join(dirs["pipeline"], "mp_rank_00_000"))
         for name, src in (("missing_key", "llama_torch"), ("trunc_torch", "llama_torch"),
-                          ("trunc_dist", "llama_dist"), ("trunc_common", "llama_dist")):
+                          ("trunc_dist", "llama_dist"), ("trunc_common", "llama_dist"),
+                          ("corrupt_common", "llama_dist"), ("corrupt_dist", "llama_dist")):
             shutil.copytree(dirs[src], dirs[name])
         for tp_rank in (0, 1):  # a key dropped from every shard
             path = os.path.join(dirs["missing_key"], "iter_0000010", f"mp_rank_{tp_rank:02d}",
@@ -113,8 +139,14 @@ def errors(root: str):
         # only TP rank 1's shard is damaged: rank 0 alone would load fine
         _truncate(os.path.join(dirs["trunc_torch"], "iter_0000010", "mp_rank_01", "model_optim_rng.pt"))
         _truncate(os.path.join(dirs["trunc_dist"], "iter_0000010", "__1_0.distcp"))
-        _truncate(os.path.join(dirs["trunc_common"], "iter_0000010", "common.pt"))
+        # the common state (args, iteration): common.pt (megatron-core 0.16), or inside a .distcp
+        # file (0.19): truncated, or overwritten with garbage (its bytes only)
+        holder, offset, length = common_state_location(os.path.join(dirs["llama_dist"], "iter_0000010"))
+        _truncate(os.path.join(dirs["trunc_common"], "iter_0000010", holder))
+        _overwrite(os.path.join(dirs["corrupt_common"], "iter_0000010", holder), offset, length)
+        _overwrite(os.path.join(dirs["corrupt_dist"], "iter_0000010", "__1_0.distcp"), byte=b"\0")
     dist.barrier()
+    holder = common_state_location(os.path.join(dirs["llama_dist"], "iter_0000010"))[0]
 
     fx.setup(2)
     llama = lambda **cfg: build_iso("llama", **cfg)  # noqa: E731
@@ -140,6 +172,8 @@ def errors(root: str):
         "truncated_rank1": lambda: load_checkpoint(llama(), dirs["trunc_torch"]),
         "truncated_distcp": lambda: load_checkpoint(llama(), dirs["trunc_dist"]),
         "truncated_common": lambda: load_checkpoint(llama(), dirs["trunc_common"]),
+        "corrupt_common": lambda: load_checkpoint(llama(), dirs["corrupt_common"]),
+        "corrupt_distcp": lambda: load_checkpoint(llama(), dirs["corrupt_dist"]),
         "tp_indivisible": lambda: load_checkpoint(llama(), dirs["heads3"]),
         "tp_indivisible_args": lambda: checkpoint_args(dirs["heads3"], tensor_model_parallel_size=2),
         "control": lambda: load_checkpoint(llama(), dirs["llama_torch"]),
@@ -148,4 +182,5 @@ def errors(root: str):
     alive = torch.ones(1)
     dist.all_reduce(alive)  # every rank is here and in step after all of that
     out["alive"] = int(alive.item())
+    out["common_state_file"] = os.path.join("iter_0000010", holder)  # where this version put it
     return out

@@ -7,6 +7,7 @@ returns the reference: the model's own prompt logits and greedy tokens (`referen
 FORMATS:
   torch       Megatron-LM legacy: iter_{:07d}/mp_rank_{tp:02d}/model_optim_rng.pt + tracker
   torch_dist  Megatron-LM dist_checkpointing: {'model': sharded_state_dict, 'args', ...} + tracker
+              (the common state in common.pt under megatron-core 0.16, in the .distcp under 0.19)
   te          `torch` with the Transformer-Engine spec's key names and TE `_extra_state` blobs
   te_dist     `torch_dist` with TE-style extra-state objects (TE's storage keys equal the local ones)
   deepspeed   a real deepspeed.initialize(...) engine around the model, engine.save_checkpoint()
@@ -39,11 +40,13 @@ def setup(tp: int):
     core_setup(tp)
 
 
-def build_stock(family: str, seed: int = 1234, **cfg):
+def build_stock(family: str, seed: int = 1234, vocab_size: int = 256,
+                max_sequence_length: int = 4096, **cfg):
     from iso_megatron.megatron.models import build_gpt, model_config
 
     torch.manual_seed(seed)
-    return build_gpt(model_config(family, **cfg), family=family).eval()
+    return build_gpt(model_config(family, **cfg), family=family, vocab_size=vocab_size,
+                     max_sequence_length=max_sequence_length).eval()
 
 
 def forward(model, ids):
@@ -54,9 +57,10 @@ def forward(model, ids):
 
 
 @torch.no_grad()
-def reference(model, steps: int = STEPS) -> dict:
-    """Prompt logits (fp32, full vocab) and `steps` greedy tokens by full recompute."""
-    ids = PROMPT.clone()
+def reference(model, steps: int = STEPS, prompt=None) -> dict:
+    """Prompt logits (fp32, full vocab) and `steps` greedy tokens by full recompute
+    (of `prompt`, [1, s] token ids; PROMPT by default)."""
+    ids = (PROMPT if prompt is None else prompt).clone()
     logits = forward(model, ids).float()
     last, tokens = logits, []
     for _ in range(steps):
@@ -67,7 +71,8 @@ def reference(model, steps: int = STEPS) -> dict:
     return dict(logits=logits, tokens=tokens)
 
 
-def megatron_args(model, family: str, ckpt_format: str, vocab: int = 256) -> Namespace:
+def megatron_args(model, family: str, ckpt_format: str, vocab: int = 256,
+                  max_position_embeddings: int = 4096) -> Namespace:
     """The args Namespace Megatron-LM would have stored for this model (its arg names)."""
     from megatron.core import parallel_state
 
@@ -77,7 +82,7 @@ def megatron_args(model, family: str, ckpt_format: str, vocab: int = 256) -> Nam
         num_layers=c.num_layers, hidden_size=c.hidden_size, ffn_hidden_size=c.ffn_hidden_size,
         num_attention_heads=c.num_attention_heads, group_query_attention=gqa,
         num_query_groups=c.num_query_groups if gqa else 1, kv_channels=c.kv_channels,
-        seq_length=4096, max_position_embeddings=4096,
+        seq_length=max_position_embeddings, max_position_embeddings=max_position_embeddings,
         position_embedding_type="learned_absolute" if family == "gpt" else "rope",
         add_position_embedding=family == "gpt", use_rotary_position_embeddings=family != "gpt",
         rotary_base=10000, rotary_percent=1.0, rotary_interleaved=False,
@@ -128,9 +133,12 @@ def save_torch(model, family: str, save_dir: str, model_state=None, release: boo
     _write_tracker(save_dir, "release" if release else str(ITERATION))
 
 
-def save_torch_dist(model, family: str, save_dir: str, te_extra_state: bool = False):
+def save_torch_dist(model, family: str, save_dir: str, te_extra_state: bool = False,
+                    args: Namespace = None):
     """Megatron-LM `--ckpt-format torch_dist`: dist_checkpointing.save of the state dict whose
-    'model' is the sharded state dict; args/iteration/version land in common.pt."""
+    'model' is the sharded state dict; args (`megatron_args` unless given)/iteration/version are
+    its common state: in common.pt with megatron-core 0.16, in the .distcp files (the
+    `common_state` entry, no common.pt) with 0.19."""
     from megatron.core import dist_checkpointing
 
     sharded = model.sharded_state_dict()
@@ -145,7 +153,9 @@ def save_torch_dist(model, family: str, save_dir: str, te_extra_state: bool = Fa
     if dist.get_rank() == 0:
         os.makedirs(path, exist_ok=True)
     dist.barrier()
-    state = {"args": megatron_args(model, family, "torch_dist"), "checkpoint_version": 3.0,
+    if args is None:
+        args = megatron_args(model, family, "torch_dist")
+    state = {"args": args, "checkpoint_version": 3.0,
              "iteration": ITERATION, "model": sharded, "num_floating_point_operations_so_far": 0}
     dist_checkpointing.save(state, path)
     dist.barrier()

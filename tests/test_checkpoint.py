@@ -93,7 +93,10 @@ ERROR_CASES = {
     "heads_mismatch": (ERROR, ["num_attention_heads=8 (model: 16)", "num_query_groups=4 (model: 8)"]),
     "truncated_rank1": (ERROR, ["mp_rank_01/model_optim_rng.pt", "truncated", "rank 1]"]),
     "truncated_distcp": (ERROR, ["__1_0.distcp", "truncated"]),
-    "truncated_common": (ERROR, ["common.pt", "truncated"]),
+    # the common state's file (common.pt with megatron-core 0.16, a .distcp with 0.19) is named too
+    "truncated_common": (ERROR, ["common state", "truncated"]),
+    "corrupt_common": (ERROR, ["common state", "corrupt"]),
+    "corrupt_distcp": (ERROR, ["__1_0.distcp", "corrupt", "cannot be read"]),
     "tp_indivisible": (ERROR, ["num_attention_heads=3", "tensor-model-parallel size 2"]),
     "tp_indivisible_args": (ERROR, ["num_attention_heads=3", "tensor-model-parallel size 2"]),
 }
@@ -103,6 +106,9 @@ ERROR_CASES = {
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_errors_are_clear_and_raised_on_every_rank(errors, case):
     kind, needles = ERROR_CASES[case]
+    if case.endswith("_common"):
+        assert errors[0]["common_state_file"] == errors[1]["common_state_file"]
+        needles = needles + [errors[0]["common_state_file"]]
     got = [rank[case] for rank in errors]
     assert all(g is not None for g in got), f"{case}: loaded without an error: {got}"
     assert got[0]["message"] == got[1]["message"], f"{case}: ranks disagree: {got}"

@@ -16,7 +16,11 @@ suite in both; tests/test_compat.py has a test per difference, on the version it
         row-parallel weight further                     deferred GEMM would use a shard)
   0.19: the MLP is built via MLP.as_mlp_submodule     layers.py / block.py take **kwargs
         and linears take name=
-Checkpoints (0.19 keeps the common state inside the .distcp files): iso_megatron.megatron.checkpoint.
+  0.19: torch_dist keeps the common state (args)     checkpoint/torch_dist.py read_common_state
+        inside the .distcp files, no common.pt          (either layout, either version); 0.16's own
+                                                        load reads common.pt only: checkpoint/load.py
+                                                        hands it the state (dist_load_reads_common_
+                                                        from_distcp); tests/test_ckpt_versions.py
 """
 
 from __future__ import annotations
@@ -66,3 +70,15 @@ def unsupported_forward(config, args) -> "str | None":
     if (getattr(config, "gtp_weight_remat_size", None) or 1) > 1:
         return "GTP weight rematerialisation (the row-parallel weight is sharded further)"
     return None
+
+
+def dist_load_reads_common_from_distcp() -> bool:
+    """Whether `dist_checkpointing.load` finds a torch_dist checkpoint's common state (args,
+    iteration) by itself in either layout: in common.pt (as megatron-core 0.16 writes it) or in the
+    `common_state` entry of the .distcp files (as 0.19 writes it). 0.19's `load` does, and has no
+    `common_strategy` parameter; 0.16's reads common.pt only, through its `common_strategy`."""
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    return "common_strategy" not in inspect.signature(dist_checkpointing.load).parameters

@@ -6,8 +6,11 @@ current tensor-parallel (TP) size, whatever TP they were saved at.
     info = load_checkpoint(model, load_dir)    # collective over the world: every rank calls it
 
 Formats:
-- Megatron `torch_dist` (dist_checkpointing dir: metadata.json, common.pt with 'args', *.distcp):
-  `dist_checkpointing.load(model.sharded_state_dict(), dir)`; megatron reshards.
+- Megatron `torch_dist` (dist_checkpointing dir: metadata.json, .metadata, *.distcp; the common
+  state with 'args' in common.pt as megatron-core 0.16 writes it, or inside the .distcp files as
+  its `common_state` entry, with no common.pt, as megatron-core 0.19 writes it; either layout
+  loads under either version): `dist_checkpointing.load(model.sharded_state_dict(), dir)`;
+  megatron reshards.
 - Megatron legacy `torch`: `iter_{:07d}|release/mp_rank_{tp:02d}/model_optim_rng.pt` with 'model',
   'args', 'checkpoint_version', 'iteration'; each rank reads the saved shards that overlap its own
   slice and merges/splits every TP-parallel tensor along its partition dimension.
@@ -23,7 +26,8 @@ Modules:
   stored_args  the Megatron-LM args stored with a checkpoint: checkpoint_args, the TP check
                (Megatron's rule, config.tp_divisibility_error), heads/groups against the model
   reshard      merging/splitting `torch` / DeepSpeed TP shards (and the layouts assumed)
-  torch_dist   the dist_checkpointing request, checked against the saved metadata and files
+  torch_dist   the common state in either layout (read_common_state); the dist_checkpointing
+               request, checked against the saved metadata and files
   load         load_checkpoint and the agreement of errors across ranks
 
 Errors are `CheckpointError` (a ValueError) or `CheckpointNotFoundError` (also a FileNotFoundError).

@@ -37,6 +37,11 @@ class CheckpointInfo:
     args: Optional[Namespace] = None  # Megatron-LM args stored with the checkpoint
     checkpoint_version: Optional[float] = None
     files: list = field(default_factory=list)  # per saved TP rank (torch, deepspeed)
+    # torch_dist: the file (relative to `directory`) its common state (args, iteration) was read
+    # from: "common.pt" as megatron-core 0.16 writes it, or the .distcp file holding the
+    # `common_state` entry, as megatron-core 0.19 writes it (no common.pt); None for other formats
+    common_state: Optional[str] = None
+    common: Optional[dict] = field(default=None, repr=False)  # torch_dist: that common state
 
 
 def _brief(error: BaseException) -> str:
@@ -214,14 +219,11 @@ def find_checkpoint(load_dir: str, ckpt_format: str = "auto") -> CheckpointInfo:
                               f"{fmt} checkpoint")
     info = CheckpointInfo(format=fmt, directory=directory, load_dir=load_dir, iteration=iteration,
                           tag=tag)
-    if fmt == "torch_dist":
-        from megatron.core import dist_checkpointing
+    if fmt == "torch_dist":  # common state: common.pt (mcore 0.16) or inside the .distcp (0.19)
+        from .torch_dist import read_common_state
 
-        try:
-            common = dist_checkpointing.load_common_state_dict(directory)
-        except Exception as e:
-            raise CheckpointError(f"cannot read {os.path.join(directory, 'common.pt')} (truncated or "
-                                  f"corrupt?): {_brief(e)}") from e
+        common, info.common_state = read_common_state(directory)
+        info.common = common
         info.args = common.get("args")
         info.checkpoint_version = common.get("checkpoint_version")
         info.tp = getattr(info.args, "tensor_model_parallel_size", None)

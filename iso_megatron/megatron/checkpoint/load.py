@@ -14,7 +14,7 @@ from .find import CheckpointError, CheckpointInfo, CheckpointNotFoundError, find
 from .keys import _sample, is_ignored_key
 from .reshard import _resharded_state_dict
 from .stored_args import _args_dict, _check_config, check_tp
-from .torch_dist import _dcp_message, _dist_request
+from .torch_dist import _dcp_message, _dist_request, find_corrupt_distcp
 
 # ---------------------------------------------------------------------------------------------
 # Every rank agrees
@@ -74,6 +74,26 @@ def _load_into(model, state: dict, where: str) -> None:
                               f"{_sample(missing)}, unexpected keys {_sample(result.unexpected_keys)}")
 
 
+def _common_strategy(info: CheckpointInfo) -> dict:
+    """dist_checkpointing.load's keyword for the common state. megatron-core 0.19 reads it by
+    itself from either layout (common.pt, or the `common_state` entry of the .distcp files);
+    0.16's default strategy reads common.pt only, so it is given the common state find_checkpoint
+    already read (from either layout)."""
+    from ..compat import dist_load_reads_common_from_distcp
+
+    if dist_load_reads_common_from_distcp():
+        return {}
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    common = info.common
+
+    class PreloadedCommon(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return dict(common)
+
+    return {"common_strategy": PreloadedCommon()}
+
+
 def load_checkpoint(model, load_dir: str, ckpt_format: str = "auto") -> CheckpointInfo:
     """Load the checkpoint in `load_dir` into a built megatron-core GPTModel (stock or ISO;
     DDP/Float16Module/DeepSpeed wrappers are unwrapped via `.module`) at the current
@@ -110,10 +130,12 @@ def load_checkpoint(model, load_dir: str, ckpt_format: str = "auto") -> Checkpoi
 
         error = None
         try:
-            loaded = dist_checkpointing.load(request, info.directory)
+            loaded = dist_checkpointing.load(request, info.directory, **_common_strategy(info))
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException  # noqa: BLE001
-            error = CheckpointError(f"reading the torch_dist checkpoint in {info.directory} failed "
-                                    f"(corrupt file?): {_dcp_message(e)}")
+            corrupt = find_corrupt_distcp(info.directory)  # which file, where it can tell
+            error = CheckpointError(f"reading the torch_dist checkpoint in {info.directory} failed"
+                                    + (f": {corrupt} ({_dcp_message(e)})" if corrupt else
+                                       f" (corrupt file?): {_dcp_message(e)}"))
         if error is None:
             try:  # dist_checkpointing.load also returns the common state (args, iteration, ...)
                 _load_into(model, {k: v for k, v in loaded.items() if k in request}, info.directory)

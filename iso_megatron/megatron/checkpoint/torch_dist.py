@@ -1,15 +1,100 @@
 """Megatron `torch_dist` checkpoints (dist_checkpointing): the request
 `dist_checkpointing.load(model.sharded_state_dict(), dir)` is given, checked first against the
-saved metadata and data files so that a mismatch or a damaged file is named; megatron reshards."""
+saved metadata and data files so that a mismatch or a damaged file is named; megatron reshards.
+
+Two layouts of the common (non-tensor) state — the Megatron `args`, `iteration`,
+`checkpoint_version` — are read, whichever megatron-core is installed:
+- `common.pt` beside the `.distcp` files: what megatron-core 0.16 (and earlier) writes;
+- inside the `.distcp` files, as the `common_state` entry (a ShardedObject written by rank 0), with
+  no `common.pt`: what megatron-core 0.19 writes (Megatron-LM PR #5160). Its metadata.json also
+  drops `common_backend`.
+0.19's `dist_checkpointing.load` reads both layouts itself; 0.16's reads common.pt only, so there
+the common state read here is handed to it (`compat.dist_load_reads_common_from_distcp`).
+"""
 
 from __future__ import annotations
 
+import io
 import os
+from typing import Optional, Tuple
 
-from .find import CheckpointError, CheckpointInfo, CheckpointNotFoundError, _brief
+import torch
+
+from .find import CheckpointError, CheckpointInfo, CheckpointNotFoundError, _brief, _torch_load
 from .keys import _mismatch, is_ignored_key
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
+COMMON_PT = "common.pt"            # megatron-core 0.16's file for the common state
+COMMON_STATE_KEY = "common_state"  # megatron-core 0.19's entry for it in the .distcp files
+DCP_METADATA = ".metadata"         # torch.distributed.checkpoint's index of the .distcp files
+
+
+def _dcp_metadata(directory: str):
+    """torch.distributed.checkpoint's Metadata (.metadata: keys, shapes, file offsets)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    path = os.path.join(directory, DCP_METADATA)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError(f"torch_dist metadata file {path} is missing (incomplete "
+                                      "checkpoint?)")
+    try:
+        return FileSystemReader(directory).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a pickle: anything can go wrong
+        raise CheckpointError(f"cannot read the torch_dist metadata file {path} (truncated or "
+                              f"corrupt?): {_brief(e)}") from e
+
+
+def _common_state_entry(metadata) -> Optional[Tuple[str, object]]:
+    """(key, storage info) of 0.19's `common_state` entry in the .distcp files, or None."""
+    for index, item in (metadata.storage_data or {}).items():
+        if index.fqn.split("/")[0] == COMMON_STATE_KEY:
+            return index.fqn, item
+    return None
+
+
+def read_common_state(directory: str) -> Tuple[dict, str]:
+    """(the common state dict, the file it was read from, relative to `directory`) of the
+    torch_dist checkpoint in `directory`: `common.pt` (megatron-core 0.16's layout) or the .distcp
+    file holding its `common_state` entry (0.19's). Local: no collectives."""
+    path = os.path.join(directory, COMMON_PT)
+    if os.path.exists(path):
+        try:
+            return _torch_load(path), COMMON_PT
+        except CheckpointError as e:
+            detail = _brief(e.__cause__) if e.__cause__ is not None else str(e)
+            raise CheckpointError(f"cannot read the torch_dist common state file {path} (Megatron "
+                                  f"args, iteration; truncated or corrupt?): {detail}") from e
+    metadata = _dcp_metadata(directory)
+    entry = _common_state_entry(metadata)
+    if entry is None:
+        raise CheckpointError(
+            f"the torch_dist checkpoint in {directory} holds no common state (Megatron args, "
+            f"iteration): neither {COMMON_PT} (as megatron-core 0.16 writes it) nor a "
+            f"'{COMMON_STATE_KEY}' entry in its .distcp files (as megatron-core 0.19 writes it); "
+            "incomplete checkpoint?")
+    key, item = entry
+    holder = os.path.join(directory, item.relative_path)
+    _check_distcp_sizes(directory, metadata, holder=item.relative_path)  # truncated: named
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    where = (f"the torch_dist common state (Megatron args, iteration: the '{COMMON_STATE_KEY}' "
+             f"entry, bytes {item.offset}..{item.offset + item.length}) in {holder}")
+    state = {key: io.BytesIO()}
+    try:  # as megatron-core 0.19's load_common_state_dict: this process alone, no collectives
+        dcp.load(state, storage_reader=FileSystemReader(directory), no_dist=True)
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException  # noqa: BLE001
+        raise CheckpointError(f"cannot read {where} (corrupt?): {_dcp_message(e)}") from e
+    value = state[key]
+    if isinstance(value, io.BytesIO):  # older torch: the raw bytes of torch.save([state])
+        value.seek(0)
+        value = torch.load(value, map_location="cpu", weights_only=False)
+    if isinstance(value, (list, tuple)) and len(value) == 1:  # a ShardedObject's data: [state]
+        value = value[0]
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where} holds a {type(value).__name__}, not a dict (corrupt?)")
+    return value, item.relative_path
 
 
 def _dist_request(model, info: CheckpointInfo) -> dict:
@@ -27,13 +112,14 @@ def _dist_request(model, info: CheckpointInfo) -> dict:
     for sh in nested_values(probe):
         if isinstance(sh, ShardedTensor):
             expected[sh.key] = tuple(sh.global_shape)
+    metadata = _dcp_metadata(info.directory)
     try:
         saved = dist_checkpointing.load_tensors_metadata(info.directory)
     except Exception as e:
         raise CheckpointError(f"cannot read the torch_dist metadata in {info.directory} (.metadata "
                               f"truncated or corrupt?): {_brief(e)}") from e
     saved = {k: tuple(v.global_shape) for k, v in saved.items()}
-    _check_distcp_sizes(info.directory)
+    _check_distcp_sizes(info.directory, metadata)
     missing = set(expected) - set(saved)
     unexpected = {k for k in saved if k.startswith(_MODEL_PREFIXES)} - set(expected)
     if missing or unexpected:
@@ -46,29 +132,70 @@ def _dist_request(model, info: CheckpointInfo) -> dict:
     return request()
 
 
-def _check_distcp_sizes(directory: str) -> None:
-    """Every data file the metadata points into exists and is long enough (names the file)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
+def _check_distcp_sizes(directory: str, metadata=None, holder: Optional[str] = None) -> None:
+    """Every data file the metadata points into exists and is long enough (names the file;
+    `holder`, the one holding the common state, is said to hold it)."""
+    if metadata is None:
+        metadata = _dcp_metadata(directory)
     ends = {}
-    for item in (FileSystemReader(directory).read_metadata().storage_data or {}).values():
+    for item in (metadata.storage_data or {}).values():
         path = getattr(item, "relative_path", None)
         if path is not None:
             ends[path] = max(ends.get(path, 0), item.offset + item.length)
     for rel, end in sorted(ends.items()):
         path = os.path.join(directory, rel)
+        what = f"torch_dist data file {path}" + (
+            " (holding the common state: Megatron args, iteration)" if rel == holder else "")
         if not os.path.isfile(path):
-            raise CheckpointNotFoundError(f"torch_dist data file {path} is missing")
+            raise CheckpointNotFoundError(f"{what} is missing")
         size = os.path.getsize(path)
         if size < end:
-            raise CheckpointError(f"torch_dist data file {path} is truncated: {size} bytes, "
-                                  f"the checkpoint metadata needs {end}")
+            raise CheckpointError(f"{what} is truncated: {size} bytes, the checkpoint metadata "
+                                  f"needs {end}")
+
+
+def find_corrupt_distcp(directory: str) -> Optional[str]:
+    """After a failed read: which .distcp file holds an unreadable tensor, said in a sentence
+    (None when every tensor entry reads). Each tensor entry is a torch.save of its own."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = _dcp_metadata(directory)
+    except CheckpointError as e:
+        return str(e)
+    by_file = {}
+    for index, item in (metadata.storage_data or {}).items():
+        if isinstance(metadata.state_dict_metadata.get(index.fqn), TensorStorageMetadata) \
+                and not getattr(item, "transform_descriptors", None):
+            by_file.setdefault(item.relative_path, []).append((item.offset, item.length, index.fqn))
+    for rel, items in sorted(by_file.items()):
+        path = os.path.join(directory, rel)
+        try:
+            with open(path, "rb") as f:
+                for offset, length, fqn in sorted(items):
+                    f.seek(offset)
+                    data = f.read(length)
+                    try:
+                        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+                    except Exception as e:  # noqa: BLE001
+                        return (f"torch_dist data file {path} is corrupt: its entry for {fqn} "
+                                f"(bytes {offset}..{offset + length}) cannot be read: {_brief(e)}")
+        except OSError as e:
+            return f"cannot read torch_dist data file {path}: {e}"
+    return None
 
 
 def _dcp_message(error: BaseException) -> str:
-    """torch.distributed.checkpoint's CheckpointException: each failing rank's own error."""
+    """torch.distributed.checkpoint's CheckpointException: each failing rank's own error (its
+    failures are exceptions, or (exception, traceback) pairs, by torch version)."""
     failures = getattr(error, "failures", None)
     if not isinstance(failures, dict):
         return f"{type(error).__name__}: {str(error)[:500]}"
-    return "; ".join(f"rank {r}: {type(getattr(f, 'exception', f)).__name__}: "
-                     f"{str(getattr(f, 'exception', f))[:300]}" for r, f in sorted(failures.items()))
+
+    def one(f):
+        f = getattr(f, "exception", f)
+        if isinstance(f, tuple) and f and isinstance(f[0], BaseException):
+            f = f[0]
+        return _brief(f) if isinstance(f, BaseException) else str(f)[:300]
+
+    return "; ".join(f"rank {r}: {one(f)}" for r, f in sorted(failures.items()))
