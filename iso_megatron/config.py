@@ -31,7 +31,8 @@ class ISOConfig:
     """Intra-sequence overlap settings.
 
     num_chunks: chunks the prompt is split into (>= 1; 1 disables the split). Default: the
-        number of explicit fractions, else 2 (the usual optimum, see the design brief).
+        number of explicit fractions, else 2 (the usual optimum: more chunks shrink the GEMMs and
+        all-reduces below their efficient sizes, README "Choosing min_tokens").
     split: "even", "balanced" (equal compute per chunk), "auto" (cost model), or fractions.
     min_tokens: prompts with fewer tokens run the stock path. Default: DEFAULT_MIN_TOKENS for
         fixed splits; with split="auto" the cost model chooses the threshold itself.

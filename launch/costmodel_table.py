@@ -40,8 +40,8 @@ def main():
         "chunks (`planner.chunk_boundaries`); *auto* = `costmodel.best_plan` (K <= 4 chunks, first boundary "
         "searched, the rest balanced; K = 1 means no split); plan = chunk boundaries in tokens. "
         "Percentages are against the baseline (stock Megatron, every all-reduce waited at once). "
-        "The paper column is the reduction the ISO paper reports for that GPU (30B and 70B, per the "
-        "project's design brief), not for that exact row. Rows marked * do not fit: the weights alone "
+        "The paper column is the reduction the ISO paper (arXiv 2409.11155) reports for that GPU "
+        "(30B and 70B models), not for that exact row. Rows marked * do not fit: the weights alone "
         "exceed the GPU's memory at that TP (the prediction is still shown).\n")
     out("Regenerate: `python launch/costmodel_table.py > docs/paper_settings.md`\n")
 

@@ -1,7 +1,7 @@
 """What megatron-core needs to run a GPTModel on a machine without CUDA, in one place.
 
 Applied only when CUDA is absent (`apply_cpu_shims()` is a no-op otherwise), by tests and
-launchers before they build a model. Each shim answers one measured failure (design brief §6):
+launchers before they build a model. Each shim answers one failure measured on a CPU machine:
 - megatron allocates with `device=torch.cuda.current_device()` (RoPE, the global memory buffer
   of DotProductAttention, the KV cache): answer the CPU instead;
 - `torch.cuda.synchronize()` in dist_checkpointing.save: a no-op;
