@@ -15,6 +15,9 @@ bash scripts/setup.sh 0.16 || exit 1
 run 0.16.1 "${PYTHON:-python3}" "$@"; rc16=$?
 echo "=== megatron-core 0.16.1 suite exited with $rc16"
 bash scripts/setup.sh 0.19 || exit 1
+# DeepSpeed JIT-builds its CPU shared-memory all-reduce against each environment's torch: one
+# build directory per environment, so the two never rebuild (or lock) each other's
+export TORCH_EXTENSIONS_DIR=$PWD/.venv-mcore-0.19/torch_extensions
 run 0.19.2 .venv-mcore-0.19/bin/python "$@"; rc19=$?
 [ "$rc16" -eq 0 ] || echo "=== megatron-core 0.16.1 suite FAILED (exit $rc16), see above"
 exit $(( rc16 != 0 || rc19 != 0 ))

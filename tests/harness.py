@@ -11,6 +11,7 @@ group of cases: importing megatron-core costs seconds per process.
 
 from __future__ import annotations
 
+import glob
 import importlib
 import os
 import pickle
@@ -36,14 +37,26 @@ def _free_port() -> int:
 
 
 def _kill(procs):
+    """SIGKILL each process's whole group, also when its leader has already exited: a rank's
+    children (megatron's checkpoint-writer workers, spawned by multiprocessing) outlive it
+    otherwise and pile up over a suite (measured: 138 orphans, ~190 MB each, after three runs)."""
     for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     for p in procs:
         p.wait()
+
+
+def _remove_deepspeed_shm(port: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_
+    {uid}_{addr}_{port}_{rank} behind (69 MB each here); remove this run's by its port."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def run_ranks(world_size: int, target, *args, timeout: float = 300, env=None):
@@ -79,6 +92,7 @@ def run_ranks(world_size: int, target, *args, timeout: float = 300, env=None):
                 time.sleep(0.05)
         finally:
             _kill(procs)
+            _remove_deepspeed_shm(port)
         logs = []
         for rank in range(world_size):
             with open(os.path.join(tmp, f"rank{rank}.log"), "rb") as f:
@@ -137,15 +151,19 @@ def run_torchrun(nproc: int, argv, timeout: float = 300, env=None):
 
 
 def _run_torchrun(nproc, argv, timeout, env):
+    port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port())] + list(argv)
+           "--master-addr", "127.0.0.1", "--master-port", str(port)] + list(argv)
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill([proc])
         out, _ = proc.communicate()
         raise RankFailure(f"torchrun {argv} timed out after {timeout}s\n{out.decode(errors='replace')[-4000:]}")
+    finally:
+        _kill([proc])  # whatever the run left in its process group
+        _remove_deepspeed_shm(port)
     return proc.returncode, out.decode(errors="replace")
