@@ -10,8 +10,9 @@ classes only (no parameter added or renamed, the same state-dict keys):
   - the stack's ModuleList -> `ISODecoderLayers`; the module that owns it (LlamaModel,
     OPTDecoder, ...) keeps its class (transformers keys its output-capture registry on the class
     name) and gets a forward pre-hook and an always-called forward hook that open and close the
-    list's forward scope. Inside it, the model's own layer loop (`for layer in self.layers[...]`) receives ONE entry in place of
-    layer 0: called like layer 0, it is the single entry point of the forward. It asks the
+    list's forward scope. Inside it, the model's own layer loop (`for layer in self.layers[...]`)
+    receives ONE entry in place of layer 0: called like layer 0, it is the single entry point
+    of the forward. It asks the
     planner (`ISOStack.plan`); for an ISO prefill it runs every layer with the ISO schedule
     (`schedule.run_prefill`, the same executor as the Megatron path, over `HFChunkOps`) and the
     loop ends; otherwise it runs layer 0 stock and the loop goes on with layers 1..N-1.
@@ -430,15 +431,15 @@ class ISODecoderLayers(torch.nn.ModuleList):
 # ---- applying -----------------------------------------------------------------------------
 
 def decoder_stacks(model):
-    """[(owner module, attribute name, ModuleList of decoder layers, family)] of the supported
-    HF families in `model`."""
+    """[(owner module, ModuleList of decoder layers, family)] of the supported HF families in
+    `model`."""
     stacks = []
     for owner in model.modules():
-        for name, m in owner.named_children():
+        for m in owner.children():
             if isinstance(m, torch.nn.ModuleList) and len(m) > 0:
                 fams = {family_of(layer) for layer in m}
                 if len(fams) == 1 and None not in fams:
-                    stacks.append((owner, name, m, fams.pop()))
+                    stacks.append((owner, m, fams.pop()))
     return stacks
 
 
@@ -484,7 +485,7 @@ def apply_iso_hf(model, iso_config: Optional[ISOConfig] = None):
 
     # Check everything before changing anything: a model is converted whole or not at all.
     plans = []
-    for owner, name, layers, fam in stacks:
+    for owner, layers, fam in stacks:
         cfg = getattr(layers[0].self_attn, "config", None)
         n = getattr(cfg, "num_hidden_layers", None)
         layer_list = list(layers)[:n] if isinstance(n, int) and 0 < n <= len(layers) else list(layers)

@@ -96,7 +96,12 @@ def apply_iso(model, iso_config: Optional[ISOConfig] = None):
                       getattr(layer.mlp, "linear_fc2", None)):
                 if type(m) in to_iso:
                     swaps.append((m, to_iso[type(m)]))
-    swap_classes(swaps, lambda: [check_layer(layer) for block in blocks for layer in block.layers])
+    def check_layers():
+        for block in blocks:
+            for layer in block.layers:
+                check_layer(layer)
+
+    swap_classes(swaps, check_layers)
     for block in blocks:
         block.iso_config = iso_config
         for layer in block.layers:
