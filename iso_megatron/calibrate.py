@@ -1,25 +1,56 @@
-"""split="auto": chunk count and boundaries chosen from the cost model, calibrated on this machine.
+"""split="auto": the machine calibrated ONCE per process, every prompt length planned from that.
 
 Asked by `planner.plan_prefill` only (framework-neutral: the adapters pass the model shape and
 the device / dtype / TP group in a `planner.Environment`).
 
-At the first ISO prefill of a prompt-length bucket, every rank of the tensor-parallel group
-measures, on its own device and through the reducer ISO will really use (`comm.make_reducer`,
-so an emulated link is measured as such):
-  - one GEMM of the model's MLP shape (matmul rate) and one large copy (memory bandwidth);
-  - on CPU only, megatron's unfused attention core (baddbmm, mask, softmax, bmm) on the
-    rectangles of this bucket's prefill (half x half, half x whole, whole x whole; rows at most
-    2048): the local DotProductAttention computes the whole [queries, keys] rectangle, which a
-    causal-pair roofline underestimates ~2x on CPU, and its cost per score grows once a head's
-    scores spill out of cache (measured, 4 heads: 3.8 ns at 256x512, 4-6 ns at 1024x1024,
-    7-8 ns at 1024x2048); the cost model interpolates this table. On CUDA the fused kernels'
-    causal roofline is kept;
-  - two all-reduces (a small and a large one): link latency and bus bandwidth.
-The ranks' figures are combined with an all-reduce MAX over the TP group (max is exact, so every
-rank holds bit-identical inputs) and every rank then runs the same deterministic search,
-`costmodel.best_plan` over K = 1..max_chunks: the plans, and so the collectives of the
-schedule, are identical on all ranks. Plans are cached per bucket (1/8 octave of prompt length)
-as fractions and scaled to the exact length.
+At the first auto prefill of an environment (device, dtype, TP group, and the reducer in use:
+an emulated link calibrates as itself), every rank of the TP group measures, on its device:
+  - GEMM rate (one GEMM of the model's MLP shape) and memory bandwidth (one large copy);
+  - attention, of the kind the model runs (`Environment.attention`; where the adapter does not
+    say: fused on CUDA, unfused on CPU):
+      unfused  megatron's local core (baddbmm, mask, softmax, bmm), seconds per score on a
+               fixed ladder of score-matrix sizes (`ATTN_LADDER`): the local DotProductAttention
+               computes the whole [queries, keys] rectangle, and its cost per score grows once
+               a head's scores spill out of cache (measured on CPU, 4 heads: 3.8 ns at 256x512,
+               4-6 ns at 1024x1024, 7-8 ns at 1024x2048); the cost model interpolates the table;
+      fused    torch's scaled_dot_product_attention, causal (the kernel of SDPAAttention, and
+               the kind TE's and HF's sdpa attention run), seconds per causal (query, key)
+               pair: it skips the masked blocks, so only the causal pairs cost;
+  - the per-step overhead (one layer part of one chunk: launches, dispatch, the framework's
+    Python): a layer run as `PROBE_CHUNKS` small chunks and as one chunk of the same rows,
+    whose compute is nearly the same, so the difference is the fixed cost of the extra calls.
+    The layer is the model's own where the adapter passes `Environment.step_probe` (megatron:
+    `megatron.block.step_probe`), else a miniature of plain torch kernels (what a GPU launches
+    per part; it leaves out the framework's Python, which on CPU is most of the cost: see
+    `planner.Environment`). On the real layer the small chunks also re-read the weights, which
+    the cost model charges per chunk already: on a GPU, where a 16-row GEMM of a large model is
+    bound by its weight reads, the overhead then comes out high, so auto splits less, never
+    more (the safe side);
+  - the link: all-reduces of `LINK_TOKENS` rows through the reducer ISO uses (latency and
+    per-byte time, a straight line through the two).
+The model's dims size the probes (a GEMM's rate depends on its shape), so they are part of
+the cache key too, as is the attention kind. The step probe is not (an adapter builds a new
+one per forward, over that forward's hidden states; it is called only when a calibration
+happens), nor are the prompt length and the batch: every length is planned from this one
+calibration by the cost model, in plain Python (plans cached per 1/8-octave bucket): no
+collective, no torch operation, no host synchronisation once the environment is calibrated.
+
+Limits. The fused kind is timed on one causal prompt (`ATTN_PAIR_TOKENS`); an ISO chunk runs
+it as a past block and a diagonal block on CPU (iso_megatron.megatron.attention), whose extra
+call is part of the per-chunk cost the step probe measures only when the probe's layer has the
+model's attention (megatron: yes; the miniature: no). Sliding-window or other masked forms are
+not modelled (the adapters run them stock or as the unfused kind).
+
+Agreement and failure. The ranks combine their figures with ONE all-reduce MAX over the TP
+group (max is exact: every rank holds bit-identical figures, runs the same deterministic
+search, and so picks the same split and issues the same collectives). That all-reduce also
+carries each rank's status and its error message (one slot per rank), so a calibration that
+fails on one rank raises on every rank, with that rank's message. The link's own all-reduces
+come between the local measurements and the combination; the first one carries the failure
+flag (a sum), so that after a local failure every rank skips the rest of the link probe alike
+and no rank waits on a transfer its peer never starts. A failure inside the communication
+library itself is left to the library (its errors and timeouts). A failed calibration is not
+cached: the next auto prefill tries again, on every rank alike.
 
 Never slower than stock, as predicted: a plan is used only when it is predicted at least
 `MIN_GAIN` faster than the unsplit baseline at this exact length, and only from `min_tokens`
@@ -29,14 +60,15 @@ on (`costmodel.min_tokens_for` with the calibrated profiles), else None (stock p
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional
+import time
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from . import comm
 from . import costmodel as cm
-from .cli import time_ms
-from .planner import Environment, PrefillPlan, chunk_boundaries, stock
+from .planner import ATTENTION_KINDS, Environment, PrefillPlan, chunk_boundaries, stock
 from .shape import ModelShape, TokenCost
 
 MIN_GAIN = 0.02          # predicted saving a plan must reach (covers what the model leaves out)
@@ -45,22 +77,38 @@ MIN_GAIN = 0.02          # predicted saving a plan must reach (covers what the m
 # the model's error (measured on CPU: a small first chunk that shortens the pipeline's fill by
 # 0.3% of the baseline, as predicted, ran 0.7-2.6% slower than even, link-bound).
 SEARCH_MARGIN = 0.005
-CPU_STEP_OVERHEAD_S = 4e-4  # per layer part per chunk on CPU (megatron module calls; measured)
-CUDA_STEP_OVERHEAD_S = 5e-5  # per layer part per chunk on CUDA (a few kernel launches)
-_SMALL_TOKENS = 16
+
+# (queries, keys) of the unfused attention probe (CPU): 64K to 2M scores per head. Larger
+# rectangles cost what the last one costs per score (the table is clamped: measured 8.5 ns at
+# 2M and 8.6 ns at 4M scores, fp32, 4 heads, out of cache by then), and the probe stays near a
+# second on two busy cores in fp32.
+ATTN_LADDER = ((256, 256), (512, 512), (512, 1024), (1024, 2048))
+ATTN_MAX_HEADS = 8       # heads per probe: the cost per score is a per-head (cache) effect
+ATTN_PAIR_TOKENS = 4096  # CUDA: the fused causal probe's length
+ATTN_PAIR_TOKENS_CPU = 1024  # CPU: ... (a few ms per head: the CPU flash kernel, one thread)
+LINK_TOKENS = (16, 2048)  # rows x hidden of the link probe's two all-reduces
+PROBE_WIDTH = 64         # the miniature layer: weights of 64 x 64 stay in cache, re-reads are free
+PROBE_ROWS = 16          # rows of one small chunk (and the keys each query sees)
+PROBE_CHUNKS = 8         # small chunks against one chunk of PROBE_CHUNKS x PROBE_ROWS rows
+PROBE_REPEATS = 15       # interleaved pairs; the fastest of each kind counts (load only adds time)
+PROBE_MIN_REPEATS = 3    # ... but after PROBE_BUDGET_S, no more than this many (a large model
+PROBE_BUDGET_S = 2.0     # on CPU: one real layer over 128 tokens takes tens of ms and more)
+MESSAGE_BYTES = 512      # per-rank slot of the error message in the combining all-reduce
 
 
 class Calibration(NamedTuple):
     gemm_tflops: float
     mem_bw_gbs: float
-    attn_score_table: tuple  # ((scores per head, seconds per score), ...); () on CUDA (fused)
+    attn_score_table: tuple  # unfused: ((scores per head, seconds per score), ...); fused: ()
     latency_us: float
     bus_bw_gbs: float
-    step_overhead_s: float
+    step_overhead_s: float   # measured: one layer part of one chunk
+    attn_pair_s: float = 0.0  # fused causal attention, seconds per pair of one head; 0: unfused
 
     def device(self):
         return cm.DeviceProfile("calibrated", self.gemm_tflops, self.mem_bw_gbs, "measured at first use",
-                             step_overhead_s=self.step_overhead_s, attn_score_table=self.attn_score_table)
+                                step_overhead_s=self.step_overhead_s, attn_score_table=self.attn_score_table,
+                                attn_pair_s=self.attn_pair_s)
 
     def link(self):
         return cm.LinkProfile("calibrated", self.latency_us, self.bus_bw_gbs, "measured at first use")
@@ -79,7 +127,7 @@ _plans: Dict[tuple, AutoPlan] = {}
 
 
 def clear_cache() -> None:
-    """Forget every calibration and plan (benchmarks: before a new link is put in place)."""
+    """Forget every calibration and plan (tests; benchmarks: before a new link is put in place)."""
     _calibrations.clear()
     _plans.clear()
 
@@ -91,32 +139,72 @@ def bucket_of(seq_len: int) -> int:
     return int(math.ceil(2 ** (math.ceil(8 * math.log2(seq_len) - 1e-9) / 8)))
 
 
-def _timed(fn, reps: int = 2, sync=None) -> float:
-    """Seconds of the fastest of `reps` calls after one warm-up (a busy machine only adds time)."""
-    return max(min(time_ms(fn, reps, warmup=1, sync=sync)) / 1e3, 1e-9)
+# ---------------------------------------------------------------- clocks
+
+def _sync_of(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else None
 
 
-def _measure_compute(shape: ModelShape, tp, device, dtype, sync):
+def _fastest_s(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> float:
+    """Seconds of the fastest of `reps` calls after `warmup` untimed ones (a busy machine only
+    adds time). CUDA: events on the current stream (gaps while the host launches count)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return max(min(times), 1e-9)
+
+
+def _host_timed_s(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
+    """Like `_fastest_s`, read on the host clock around synchronisations: for the link, whose
+    transfer may run off the current stream (NCCL's, the proxy's) or on the host (gloo)."""
+    sync = _sync_of(device)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if sync is not None:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return max(min(times), 1e-9)
+
+
+# ---------------------------------------------------------------- local measurements
+
+def _measure_compute(shape: ModelShape, tp, device, dtype, sync=None) -> Tuple[float, float]:
+    """(GEMM TFLOP/s at the model's MLP shape, copy bandwidth GB/s)."""
     h = shape.hidden
     n = max(1, shape.ffn_hidden // tp)
     m = 512
     a, b = torch.randn(m, h, device=device, dtype=dtype), torch.randn(h, n, device=device, dtype=dtype)
-    gemm_s = _timed(lambda: a @ b, reps=5, sync=sync)
+    gemm_s = _fastest_s(lambda: a @ b, device, reps=5)
     x = torch.empty(8 << 20, device=device, dtype=torch.float32)
     y = torch.empty_like(x)
-    copy_s = _timed(lambda: y.copy_(x), reps=5, sync=sync)
+    copy_s = _fastest_s(lambda: y.copy_(x), device, reps=5)
     return 2.0 * m * h * n / gemm_s / 1e12, 2 * x.numel() * 4 / copy_s / 1e9
 
 
-def _measure_attention(shape: ModelShape, tp, seq_len, device, dtype):
-    """((scores per head, seconds per score), ...) of the unfused core on the rectangles a
-    prefill of seq_len meets: a half chunk, the last chunk of two, the whole square."""
-    heads = max(1, shape.num_heads // tp)
+def _measure_attention_table(shape: ModelShape, tp, device, dtype) -> tuple:
+    """((scores per head, seconds per score), ...) of the unfused core on `ATTN_LADDER`."""
+    heads = min(max(1, shape.num_heads // tp), ATTN_MAX_HEADS)
     d = shape.head_dim
-    half = max(seq_len // 2, 8)
-    shapes = dict.fromkeys([(half, half), (min(half, 2048), seq_len), (min(seq_len, 2048), seq_len)])
     table = []
-    for rows, keys in shapes:
+    for rows, keys in ATTN_LADDER:
         q = torch.randn(heads, rows, d, device=device, dtype=dtype)
         k = torch.randn(heads, d, keys, device=device, dtype=dtype)
         v = torch.randn(heads, keys, d, device=device, dtype=dtype)
@@ -128,8 +216,7 @@ def _measure_attention(shape: ModelShape, tp, seq_len, device, dtype):
             s.masked_fill_(mask, -10000.0)
             return torch.bmm(torch.softmax(s, -1), v)
 
-        table.append((float(rows * keys), _timed(core, reps=2) / (heads * rows * keys)))
-    table.sort()
+        table.append((float(rows * keys), _fastest_s(core, device, reps=2) / (heads * rows * keys)))
     # a larger score matrix never costs less per score (it only spills further out of cache):
     # a running max removes the noise of a busy machine from the table
     for i in range(1, len(table)):
@@ -137,71 +224,235 @@ def _measure_attention(shape: ModelShape, tp, seq_len, device, dtype):
     return tuple(table)
 
 
-def _measure_link(shape: ModelShape, batch, seq_len, device, dtype, group):
-    """(latency s, seconds per byte) of one all-reduce through the reducer ISO uses."""
-    reducer = comm.make_reducer(group)
-    h = shape.hidden
-    sizes = (_SMALL_TOKENS * batch, max(seq_len // 2, 2 * _SMALL_TOKENS) * batch)
-    times = []
-    for tokens in sizes:
-        t = torch.zeros(tokens, h, device=device, dtype=dtype)
-        sync = torch.cuda.synchronize if device.type == "cuda" else None
-        times.append(_timed(lambda: reducer.start(t).wait(), reps=3, sync=sync))
-    esize = torch.tensor([], dtype=dtype).element_size()
-    b1, b2 = sizes[0] * h * esize, sizes[1] * h * esize
+def _measure_attention_pairs(shape: ModelShape, tp, device, dtype) -> float:
+    """Seconds per causal (query, key) pair of one head, torch's fused attention."""
+    heads, d = max(1, shape.num_heads // tp), shape.head_dim
+    s = ATTN_PAIR_TOKENS
+    if device.type != "cuda":  # a per-head cost, like the unfused table's: fewer heads, shorter
+        heads, s = min(heads, ATTN_MAX_HEADS), ATTN_PAIR_TOKENS_CPU
+    q, k, v = (torch.randn(1, heads, s, d, device=device, dtype=dtype) for _ in range(3))
+    t = _fastest_s(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device, reps=3)
+    return t / (heads * s * (s + 1) / 2)
+
+
+def _miniature_layer(device, dtype):
+    """One transformer layer in miniature, as the kernels of its two parts: attention (norm,
+    QKV, scores against a fixed set of keys, mask, softmax, PV, projection, residual) and MLP
+    (norm, fc1, activation, fc2, residual). Every cost is proportional to the rows."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    w = PROBE_WIDTH
+    weight = lambda *s: (torch.randn(*s, generator=g) / math.sqrt(s[-1])).to(device=device, dtype=dtype)
+    qkv, proj, fc1, fc2 = weight(3 * w, w), weight(w, w), weight(4 * w, w), weight(w, 4 * w)
+    keys, values = weight(PROBE_ROWS, w), weight(PROBE_ROWS, w)
+    mask = torch.ones(PROBE_CHUNKS * PROBE_ROWS, PROBE_ROWS, dtype=torch.bool, device=device).triu(1)
+
+    def layer(x):
+        h = F.layer_norm(x, (w,))
+        q = F.linear(h, qkv)[:, :w]
+        scores = torch.matmul(q, keys.t()).masked_fill_(mask[:x.size(0)], -10000.0)
+        x = x + F.linear(torch.matmul(torch.softmax(scores, -1), values), proj)
+        h = F.layer_norm(x, (w,))
+        return x + F.linear(F.gelu(F.linear(h, fc1)), fc2)
+    return layer
+
+
+def _measure_step_overhead(device, dtype, step_probe=None) -> float:
+    """Seconds of fixed cost per layer part per chunk: (T(K small chunks) - T(1 chunk of the
+    same rows)) / (K - 1) / 2 parts, fastest of interleaved repeats, clamped at 0. On the
+    adapter's `step_probe` (one real layer) where given, else on `_miniature_layer`.
+
+    `step_probe(k)` returns the number of chunks it ran (None: k): a prompt shorter than
+    `PROBE_CHUNKS` tokens gives fewer; with fewer than 2 the miniature is measured instead."""
+    chunks = PROBE_CHUNKS
+    if step_probe is not None:
+        ran = step_probe(PROBE_CHUNKS)  # also the warm-up of the small chunks
+        chunks = PROBE_CHUNKS if ran is None else int(ran)
+    if step_probe is not None and chunks >= 2:
+        one, many = (lambda: step_probe(1)), (lambda: step_probe(chunks))
+        one()
+    else:
+        chunks = PROBE_CHUNKS
+        layer = _miniature_layer(device, dtype)
+        x = torch.randn(PROBE_CHUNKS * PROBE_ROWS, PROBE_WIDTH, device=device, dtype=dtype)
+        pieces = list(x.split(PROBE_ROWS))
+        one = lambda: layer(x)
+        many = lambda: [layer(c) for c in pieces]
+        one(), many()  # warm-up (allocator, kernels)
+    t_one = t_many = float("inf")
+    started = time.perf_counter()
+    for i in range(PROBE_REPEATS):  # interleaved: a burst of load slows both alike
+        if i >= PROBE_MIN_REPEATS and time.perf_counter() - started > PROBE_BUDGET_S:
+            break
+        t_one = min(t_one, _fastest_s(one, device, reps=1, warmup=0))
+        t_many = min(t_many, _fastest_s(many, device, reps=1, warmup=0))
+    return max((t_many - t_one) / (chunks - 1) / 2, 0.0)
+
+
+def _measure_locally(shape: ModelShape, tp, device, dtype, attention: str,
+                     step_probe=None) -> List[float]:
+    """This rank's figures, in a fixed layout (the same length on every rank):
+    [1/TFLOPS, 1/(GB/s), step overhead s, attention pair s, score s of each ATTN_LADDER point
+    (unfused attention only)]."""
+    tflops, bw = _measure_compute(shape, tp, device, dtype, _sync_of(device))
+    step = _measure_step_overhead(device, dtype, step_probe)
+    if attention == "fused":
+        pair, table = _measure_attention_pairs(shape, tp, device, dtype), ()
+    else:
+        pair, table = 0.0, _measure_attention_table(shape, tp, device, dtype)
+    return [1.0 / tflops, 1.0 / bw, step, pair] + [t for _, t in table]
+
+
+def _figure_count(attention: str) -> int:
+    return 4 + (0 if attention == "fused" else len(ATTN_LADDER))
+
+
+def attention_kind(env: Environment) -> str:
+    """The attention the calibration measures: the adapter's `Environment.attention`, else the
+    device's usual kind (CUDA: fused kernels; CPU: megatron's local, unfused core)."""
+    if env.attention is not None:
+        if env.attention not in ATTENTION_KINDS:
+            raise ValueError(f"Environment.attention must be one of {ATTENTION_KINDS} or None, "
+                             f"got {env.attention!r}")
+        return env.attention
+    return "fused" if _device(env).type == "cuda" else "unfused"
+
+
+# ---------------------------------------------------------------- the link and the agreement
+
+def _probe_link(reducer, tensors, device, failed: bool) -> Tuple[bool, float, float]:
+    """(some rank failed, latency s, seconds per byte) of all-reduces through `reducer`. The
+    first transfer carries this rank's failure flag: its sum tells every rank alike whether
+    to go on (it is then the small size's warm-up) or to stop here."""
+    small, large = tensors
+    small.view(-1)[0] = 1.0 if failed else 0.0
+    reducer.start(small).wait()
+    if small.view(-1)[0].item() > 0:
+        return True, 0.0, 0.0
+    times = [_host_timed_s(lambda t=t: reducer.start(t).wait(), device, reps=2, warmup=w)
+             for t, w in ((small, 0), (large, 1))]
+    b1, b2 = (t.numel() * t.element_size() for t in tensors)
     per_byte = max((times[1] - times[0]) / (b2 - b1), 1e-15)
-    latency = max(times[0] - b1 * per_byte, 0.0)
-    return latency, per_byte
+    return False, max(times[0] - b1 * per_byte, 0.0), per_byte
 
 
-def calibrate(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp: int) -> Calibration:
-    """Measure this machine (collectively over the TP group, identical result on every rank)."""
-    device, group, dtype = torch.device(env.device), env.group, env.dtype
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    dims = (shape.hidden, shape.ffn_hidden, shape.num_heads, shape.num_query_groups, shape.head_dim,
-            str(dtype))
-    # the reducer backend in use is part of the key: an emulated link calibrates as itself
-    base_key = (comm.reducer_key(), device.type, dims, tp, batch)
-    key = base_key + (bucket_of(seq_len),)
-    if key in _calibrations:
-        return _calibrations[key]
-    tflops, bw = _measure_compute(shape, tp, device, dtype, sync)
-    if device.type == "cpu":
-        table = _measure_attention(shape, tp, bucket_of(seq_len), device, dtype)
-        step = CPU_STEP_OVERHEAD_S
-    else:
-        table, step = (), CUDA_STEP_OVERHEAD_S
-    if tp > 1 and group is not None:
-        latency, per_byte = _measure_link(shape, batch, bucket_of(seq_len), device, dtype, group)
-    else:
-        latency, per_byte = 0.0, 1e-15
-    # Slowest rank's figures, identical on every rank: slow = large time, small rate.
-    figures = torch.tensor([1.0 / tflops, 1.0 / bw, latency, per_byte] + [t for _, t in table],
-                           dtype=torch.float64)
-    if tp > 1 and group is not None:
-        import torch.distributed as dist
+def _encode(message: str) -> torch.Tensor:
+    data = message.encode("utf-8", errors="replace")[:MESSAGE_BYTES]
+    slot = torch.zeros(MESSAGE_BYTES, dtype=torch.float64)
+    slot[:len(data)] = torch.tensor(list(data), dtype=torch.float64)
+    return slot
 
-        dev_fig = figures.to(device) if device.type == "cuda" else figures
-        dist.all_reduce(dev_fig, op=dist.ReduceOp.MAX, group=group)
-        figures = dev_fig.cpu()
-    inv_tflops, inv_bw, latency, per_byte, *score_s = figures.tolist()
-    table = tuple((n, t) for (n, _), t in zip(table, score_s))
+
+def _decode(slot: torch.Tensor) -> str:
+    data = bytes(int(b) for b in slot.tolist() if b > 0)
+    return data.decode("utf-8", errors="replace")
+
+
+def _agree(figures: List[float], error: Optional[str], group, device) -> Tuple[List[float], Dict[int, str]]:
+    """ONE all-reduce MAX over the group of [status, figures, one message slot per rank]:
+    the slowest rank's figures (large times, small rates: the figures are all times) and every
+    failed rank's message, identical on every rank."""
+    import torch.distributed as dist
+
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    vec = torch.zeros(1 + len(figures) + size * MESSAGE_BYTES, dtype=torch.float64)
+    vec[0] = 1.0 if error else 0.0
+    vec[1:1 + len(figures)] = torch.tensor(figures, dtype=torch.float64)
+    if error:
+        start = 1 + len(figures) + rank * MESSAGE_BYTES
+        vec[start:start + MESSAGE_BYTES] = _encode(error)
+    on = vec.to(device) if device.type == "cuda" else vec
+    dist.all_reduce(on, op=dist.ReduceOp.MAX, group=group)
+    vec = on.cpu()
+    slots = vec[1 + len(figures):].view(size, MESSAGE_BYTES)
+    errors = {r: _decode(slots[r]) for r in range(size) if slots[r].any()}
+    return vec[1:1 + len(figures)].tolist(), errors
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _calibration_key(shape: ModelShape, env: Environment, tp: int) -> tuple:
+    dims = (shape.hidden, shape.ffn_hidden, shape.num_heads, shape.head_dim)
+    # the reducer backend in use is part of the key: an emulated link calibrates as itself.
+    # env.step_probe is not: a new probe object per forward finds the same calibration
+    return (comm.reducer_key(), _device(env), env.dtype, env.group, tp, dims, attention_kind(env))
+
+
+def _device(env: Environment) -> torch.device:
+    # adapters pass the hidden states' torch.device: taken as it is, no torch call on the hot path
+    return env.device if isinstance(env.device, torch.device) else torch.device(env.device)
+
+
+def calibrate(shape: ModelShape, env: Environment, seq_len: Optional[int] = None,
+              batch: Optional[int] = None, tp: Optional[int] = None) -> Calibration:
+    """This machine's calibration: measured on the first call of an environment (collectively
+    over the TP group, identical on every rank), then cached. `seq_len` and `batch` are
+    accepted for older callers and not used: the calibration does not depend on them."""
+    tp = comm.tp_size(env.group) if tp is None else tp
+    key = _calibration_key(shape, env, tp)
+    if key not in _calibrations:
+        _calibrations[key] = _measure(shape, env, tp)
+    return _calibrations[key]
+
+
+def _measure(shape: ModelShape, env: Environment, tp: int) -> Calibration:
+    device, dtype, group, attention = _device(env), env.dtype, env.group, attention_kind(env)
+    linked = tp > 1 and group is not None
+    # the flag transfer's tensor first, before anything that can fail: every rank must be able
+    # to take part in it
+    small = torch.zeros(LINK_TOKENS[0], shape.hidden, device=device, dtype=dtype) if linked else None
+    error, large = None, None
+    figures = [0.0] * _figure_count(attention)
+    try:
+        figures = _measure_locally(shape, tp, device, dtype, attention, env.step_probe)
+        if linked:
+            large = torch.zeros(LINK_TOKENS[1], shape.hidden, device=device, dtype=dtype)
+    except Exception as e:  # reported on every rank by the combining all-reduce below
+        error = _describe(e)
+    latency, per_byte, failed_elsewhere = 0.0, 1e-15, False
+    if linked:
+        failed_elsewhere, latency, per_byte = _probe_link(comm.make_reducer(group), (small, large), device,
+                                                          error is not None)
+    combined = figures + [latency, per_byte]
+    errors = {0: error} if error else {}
+    if linked and _is_distributed(group):
+        combined, errors = _agree(combined, error, group, device)
+    elif failed_elsewhere and not errors:  # a link with no process group to carry the message
+        errors = {-1: "failed on another rank of the link"}
+    if errors:
+        where = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
+        raise RuntimeError(f"split='auto': calibration failed on {len(errors)} rank(s) ({where})")
+    inv_tflops, inv_bw, step, pair, *rest = combined
+    *scores, latency, per_byte = rest
+    table = tuple((float(r * k), t) for (r, k), t in zip(ATTN_LADDER, scores))  # () when fused
     busbw = 2 * (tp - 1) / tp / per_byte / 1e9 if tp > 1 else float("inf")
-    cal = Calibration(1.0 / inv_tflops, 1.0 / inv_bw, table, latency * 1e6, busbw, step)
-    _calibrations[key] = cal
-    return cal
+    return Calibration(1.0 / inv_tflops, 1.0 / inv_bw, table, latency * 1e6, busbw, step, pair)
+
+
+def _is_distributed(group) -> bool:
+    import torch.distributed as dist
+
+    return group is not None and dist.is_available() and dist.is_initialized()
+
+
+# ---------------------------------------------------------------- plans from the calibration
+
+def _dtype_bytes(dtype) -> int:
+    return dtype.itemsize  # torch.dtype knows its size: no tensor, nothing on the device
 
 
 def plan_for(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp: int, max_chunks: int,
              calibration: Optional[Calibration] = None) -> AutoPlan:
-    """The cached (or new) plan of seq_len's bucket. Collective on first use of a bucket."""
-    cal = calibration or calibrate(shape, env, seq_len, batch, tp)
+    """The cached (or new) plan of seq_len's bucket, from the calibration (calibrating on the
+    first call of the environment; later calls compute in plain Python only)."""
+    cal = calibration or calibrate(shape, env, tp=tp)
     b = bucket_of(seq_len)
     key = (cal, b, batch, tp, max_chunks, shape)
     if key in _plans:
         return _plans[key]
     device, link = cal.device(), cal.link()
-    dtype_bytes = torch.tensor([], dtype=env.dtype).element_size()
+    dtype_bytes = _dtype_bytes(env.dtype)
     grid = tuple(sorted({64 * 2 ** i for i in range(9)} | {b}))
     min_tokens = cm.min_tokens_for(shape, device, link, tp, batch, grid=tuple(g for g in grid if g <= max(b, 64)),
                                    min_gain=MIN_GAIN, max_chunks=max_chunks) if tp > 1 else None
@@ -226,11 +477,13 @@ def auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp:
     the stock path (with the reason).
 
     Called through `planner.plan_prefill` on every rank of the TP group with the same arguments;
-    the first call of a bucket is collective (calibration), later ones are cache hits.
+    the first call of an environment is collective (calibration), every later one, whatever its
+    length, is computed from the cached calibration without communicating.
     """
     if tp < 2 or max_chunks < 2 or seq_len < 2:
         return stock("auto: nothing to split")
-    plan = plan_for(shape, env, seq_len, batch, tp, max_chunks)
+    cal = calibrate(shape, env, tp=tp)
+    plan = plan_for(shape, env, seq_len, batch, tp, max_chunks, calibration=cal)
     if plan.fractions is None:
         return PrefillPlan(None, "auto: no split predicted to pay", plan.predicted_ms, plan.baseline_ms)
     if plan.min_tokens is None or seq_len < plan.min_tokens:
@@ -238,9 +491,8 @@ def auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp:
                            plan.predicted_ms, plan.baseline_ms)
     bounds = chunk_boundaries(seq_len, len(plan.fractions), list(_normalised(plan.fractions)))
     # the exact length: the plan must still be predicted faster than stock
-    cal = calibrate(shape, env, seq_len, batch, tp)
-    dtype_bytes = torch.tensor([], dtype=env.dtype).element_size()
-    p = cm.predict(shape, cal.device(), cal.link(), tp, seq_len, batch, boundaries=bounds, dtype_bytes=dtype_bytes)
+    p = cm.predict(shape, cal.device(), cal.link(), tp, seq_len, batch, boundaries=bounds,
+                   dtype_bytes=_dtype_bytes(env.dtype))
     if not p.iso_ms <= p.baseline_ms * (1 - MIN_GAIN) or len(bounds) < 3:
         return PrefillPlan(None, "auto: split not predicted faster at this length", p.iso_ms, p.baseline_ms)
     return PrefillPlan(tuple(bounds), f"auto: {len(bounds) - 1} chunks predicted {p.iso_ms:.2f} ms "

@@ -9,6 +9,9 @@ Each GEMM is a roofline, max(flops / matmul rate, bytes / memory bandwidth), wit
 once per chunk: this is why tiny chunks cost more than they hide. Norms, activations and the
 embedding / output layer are left out (they are the same with and without ISO).
 
+Boundaries come from `planner.chunk_boundaries` (rounded to 64-token tiles where the prompt is
+long enough), so a prediction is of the chunks that run.
+
 `simulate` runs `schedule.prefill_schedule` on two resources, the compute stream and the link,
 and assumes compute and communication do not slow each other down (NCCL kernels do take some SMs
 in reality), so ISO predictions are optimistic bounds. Times are seconds inside, ms in results.
@@ -52,6 +55,10 @@ class DeviceProfile:
     attn_score_table: Tuple[Tuple[float, float], ...] = ()
     # Fixed cost of one compute step (one layer part of one chunk): launches, Python, syncs.
     step_overhead_s: float = 0.0
+    # Fused causal attention, measured (calibrate: torch's scaled_dot_product_attention on
+    # CUDA): seconds per causal (query, key) pair of one head; the roofline when larger. 0: the
+    # roofline alone.
+    attn_pair_s: float = 0.0
 
     @classmethod
     def from_measurement(cls, name: str, gemm_flops: float, gemm_s: float, mem_bw_gbs: float,
@@ -175,6 +182,7 @@ def chunk_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp:
         core = per_score * heads * batch * (end - start) * end
     else:
         core = _roofline(4.0 * d * pairs * heads * batch, core_bytes, device)  # QK^T + PV, flash-style
+        core = max(core, device.attn_pair_s * pairs * heads * batch)
     attn = (gemm_time(m, h, (model.q_hidden + 2 * model.kv_hidden) / tp, device, dtype_bytes) + core
             + gemm_time(m, model.q_hidden / tp, h, device, dtype_bytes))
     fc1 = gemm_time(m, h, model.ffn_hidden / tp, device, dtype_bytes)
@@ -314,6 +322,11 @@ def best_plan(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: i
     return best
 
 
+# The grid points are the same for every prompt length planned on one calibration
+# (calibrate.plan_for asks once per length bucket): their plans are searched once.
+_best_plan_of_grid = lru_cache(maxsize=1024)(best_plan)
+
+
 def min_tokens_for(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int, batch: int = 1,
                    grid: Sequence[int] = tuple(64 * 2 ** i for i in range(9)), min_gain: float = 0.01,
                    max_chunks: int = 4) -> Optional[int]:
@@ -321,7 +334,7 @@ def min_tokens_for(model: ModelShape, device: DeviceProfile, link: LinkProfile, 
     beats the baseline by at least `min_gain`; None if even the longest does not."""
     answer = None
     for n in sorted(grid, reverse=True):
-        plan = best_plan(model, device, link, tp, n, batch, max_chunks)
+        plan = _best_plan_of_grid(model, device, link, tp, n, batch, max_chunks)
         if plan.predicted_ms > plan.baseline_ms * (1 - min_gain):
             break
         answer = n

@@ -9,16 +9,28 @@ each chunk's compute: the linear layers cost `linear` per token, causal attentio
 `attn_pair` per (query, key) pair, and the queries of tokens [0, t) see t(t+1)/2 pairs. So the
 cumulative cost of the first t tokens is F(t) = linear*t + attn_pair*t(t+1)/2, and boundary i
 solves F(b_i) = i/K * F(s): chunk 0 gets more than 1/K of the tokens, more so for long prompts.
+
+Tiles. Every split (even, balanced, fractions, and auto, which is planned through here) ends in
+`chunk_boundaries`, the one place that rounds: the inner boundaries go to the nearest multiple
+of `TILE_TOKENS` (64, a tensor-core tile: the rows of a GEMM tile and a flash-attention query
+block), so that only the last chunk has a partial tile. Only where every chunk has at least
+`ROUND_MIN_TILES` tiles (256 tokens), before and after rounding: a boundary then moves by at
+most half a tile, 1/8 of either neighbour, so the split stays close to the one asked for;
+shorter prompts keep their exact split (rounding a 160-token even split would make it 64/96).
+Rounding never merges chunks (each keeps >= 256 tokens) and keeps the first 0 and the last s.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 from .shape import ModelShape, TokenCost
 
 Split = Union[str, Sequence[float]]
+
+TILE_TOKENS = 64      # chunk boundaries land on multiples of this where the prompt is long enough
+ROUND_MIN_TILES = 4   # ... namely where every chunk keeps at least this many tiles
 
 
 class PrefillPlan(NamedTuple):
@@ -40,12 +52,33 @@ def stock(reason: str) -> PrefillPlan:
     return PrefillPlan(None, reason)
 
 
+ATTENTION_KINDS = ("fused", "unfused")
+
+
 class Environment(NamedTuple):
-    """Where a prefill runs, for split="auto" to measure: torch device, dtype, TP group."""
+    """Where a prefill runs, for split="auto" to measure: torch device, dtype, TP group.
+
+    `step_probe`, optional: `step_probe(k)` runs one of the model's layers over a fixed part of
+    the prompt in k equal chunks, through the adapter's own chunk path, without communicating,
+    and returns the number of chunks it ran (fewer for a prompt shorter than k tokens; None: k).
+    The calibration then measures the fixed cost per chunk on the real code (the framework's
+    Python included: 310-350 us per layer part for megatron-core on this repo's CPU, against 32 us
+    for the kernels alone); without it, on a miniature layer of plain torch kernels. It is called
+    only when a calibration happens (an adapter may build one per forward: building it must
+    cost nothing) and is not part of the calibration's identity.
+
+    `attention`, optional: the core attention the model runs, which the calibration times:
+    "fused" (a causal kernel that skips the masked blocks: torch's scaled_dot_product_attention,
+    TE, flash) or "unfused" (scores of the whole [queries, keys] rectangle, masked, softmax:
+    megatron's local DotProductAttention, HF's eager attention). None: the device's usual kind
+    (CUDA fused, CPU unfused).
+    """
 
     device: object
     dtype: object
     group: object
+    step_probe: Optional[Callable[[int], object]] = None
+    attention: Optional[str] = None
 
 
 def plan_prefill(iso, shape: ModelShape, seq_len: int, batch: int, tp: int,
@@ -53,8 +86,9 @@ def plan_prefill(iso, shape: ModelShape, seq_len: int, batch: int, tp: int,
     """The plan for a prefill of `seq_len` tokens (x `batch`) at tensor-parallel size `tp`.
 
     `iso` is an ISOConfig (None: stock). The adapters call this only after their own checks
-    (training, decode, masks, ...) passed. split="auto" needs `env` and is collective over the
-    TP group on first use of a length bucket (every rank calls it with the same arguments).
+    (training, decode, masks, ...) passed. split="auto" needs `env`; its first call in an
+    environment is collective over the TP group (the one calibration, `iso_megatron.calibrate`:
+    every rank calls it with the same arguments), later calls do not communicate.
     """
     if iso is None or not iso.enabled:
         return stock("ISO disabled")
@@ -108,8 +142,9 @@ def validate_split(split: Split) -> None:
 
 
 def chunk_boundaries(seq_len: int, num_chunks: int, split: Split = "even",
-                     cost: TokenCost = TokenCost(1.0, 0.0)) -> List[int]:
-    """Token offsets [0, b_1, ..., seq_len] of the chunks.
+                     cost: TokenCost = TokenCost(1.0, 0.0), tile: int = TILE_TOKENS) -> List[int]:
+    """Token offsets [0, b_1, ..., seq_len] of the chunks, rounded to `tile` tokens where the
+    prompt is long enough (`round_to_tiles`; tile=1: the exact split).
 
     Fewer than `num_chunks` chunks come back when the sequence is shorter than that (a chunk
     is never empty); explicit fractions fix the number of chunks themselves.
@@ -117,6 +152,23 @@ def chunk_boundaries(seq_len: int, num_chunks: int, split: Split = "even",
     validate_split(split)
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be an int >= 1, got {tile!r}")
+    return round_to_tiles(_exact_boundaries(seq_len, num_chunks, split, cost), tile)
+
+
+def round_to_tiles(bounds: Sequence[int], tile: int = TILE_TOKENS) -> List[int]:
+    """`bounds` with the inner boundaries at the nearest multiple of `tile` (halves round up),
+    where every chunk has at least ROUND_MIN_TILES tiles before and after; else unchanged."""
+    bounds = list(bounds)
+    rounded = [bounds[0]] + [(b + tile // 2) // tile * tile for b in bounds[1:-1]] + [bounds[-1]]
+    least = ROUND_MIN_TILES * tile
+    if all(e - s >= least for b in (bounds, rounded) for s, e in zip(b, b[1:])):
+        return rounded
+    return bounds
+
+
+def _exact_boundaries(seq_len: int, num_chunks: int, split: Split, cost: TokenCost) -> List[int]:
     if not isinstance(split, str):
         fractions = [float(f) for f in split]
         cuts = [sum(fractions[:i]) for i in range(1, len(fractions))]

@@ -8,6 +8,8 @@
 Model, precision and timing flags are the other launchers' (`iso_megatron.cli`, Megatron-LM's
 names): `--num-layers`, `--hidden-size`, `--micro-batch-size`, `--bf16` / `--fp16` (default fp32
 on CPU, bf16 on CUDA), `--timing-repeats`, `--timing-warmup`, `--iso-chunks`, `--iso-min-tokens`.
+In bf16/fp16 the model runs as Megatron-LM runs it: built with that params_dtype, inside
+megatron-core's Float16Module (everything in half precision, norms included; logits cast to fp32).
 
 Links (`--link`). Each is put in place with `with` around the runs it carries and is gone after
 them; this launcher patches no module:
@@ -33,7 +35,8 @@ Per setting: a compute-only pass (communication skipped) gives compute_ms; then 
 max over ranks per repetition, median over repetitions; `cli.time_ms`). What ISO ran is read from
 the block (`model.decoder.iso_plan`), and the compute-only twin replays exactly those chunks.
 Timed is the decoder plus the output layer (`GPTModel.forward` with `decoder_input`, embedding
-skipped: its all-reduce is the same with and without ISO and cannot overlap). Peak memory
+skipped: its all-reduce is the same with and without ISO and cannot overlap; in bf16/fp16 also
+Float16Module's cast of the logits to fp32). Peak memory
 (`PeakMemory`): bytes allocated by the prefill above what was alive before it, from CUDA's
 allocator stats or, on CPU, from torch's CPU allocator through the profiler; measured after all
 timed runs.
@@ -228,6 +231,7 @@ class Bench:
 
         from iso_megatron import apply_cpu_shims
         from iso_megatron.megatron.models import build_gpt, model_config
+        from iso_megatron.megatron.precision import float16_module
         from iso_megatron.planner import Environment
         from iso_megatron.shape import ModelShape
 
@@ -244,11 +248,14 @@ class Bench:
         self.config = model_config(a.family, num_layers=a.num_layers, hidden_size=a.hidden_size,
                                    num_attention_heads=a.num_attention_heads, num_query_groups=groups,
                                    ffn_hidden_size=a.ffn_hidden_size, params_dtype=self.dtype)
-        self.model = build_gpt(self.config, family=a.family, vocab_size=a.vocab_size,
-                               max_sequence_length=max(_ints(a.seq_lens)) + 8)
+        self.gpt = build_gpt(self.config, family=a.family, vocab_size=a.vocab_size,
+                             max_sequence_length=max(_ints(a.seq_lens)) + 8)
         if self.device == "cuda":
-            self.model = self.model.cuda()
-        self.model.eval()
+            self.gpt = self.gpt.cuda()
+        self.gpt.eval()
+        # what Megatron-LM runs for --bf16 / --fp16: megatron-core's Float16Module around it
+        self.model = float16_module(self.gpt, self.config)
+        self.param_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in self.model.parameters()})
         self.shape = ModelShape.from_megatron_config(self.config)
         self.group = parallel_state.get_tensor_model_parallel_group()
         dev = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
@@ -274,7 +281,7 @@ class Bench:
     def ran(self):
         """The chunk boundaries the latest ISO forward ran (None: the stock path), as recorded
         by the block itself."""
-        plan = self.model.decoder.iso_plan
+        plan = self.gpt.decoder.iso_plan
         return None if plan.bounds is None else list(plan.bounds)
 
     # -- links: each is a `with` around the runs it carries
@@ -399,7 +406,7 @@ class Bench:
                 for _ in range(max(a.timing_warmup, 1)):
                     outs[name] = fwd()
                 if iso is not None:
-                    plans[name], bounds[name] = self.model.decoder.iso_plan, self.ran()
+                    plans[name], bounds[name] = self.gpt.decoder.iso_plan, self.ran()
                 cal = calibrate(self.shape, self.env, s, b, self.tp)
         # compute-only twins replay the exact boundaries (an auto plan is not re-planned)
         twins = {name: self.iso_config(None, bounds[name]) if bounds[name] else None for name in configs}
@@ -445,7 +452,8 @@ class Bench:
                        realized_ratio=base_comm_ms / cmed["baseline"], link_compute_ms=stock_compute_s * 1e3,
                        baseline_times_ms=times["baseline"], iso_times_ms=times[split],
                        max_rel_err=err, batch=b, device=self.device, link=self.link_mode,
-                       dtype=str(self.dtype).replace("torch.", ""), reps=a.timing_repeats)
+                       dtype=str(self.dtype).replace("torch.", ""), param_dtypes=self.param_dtypes,
+                       reps=a.timing_repeats)
             rec.update(self.model_prediction(s, bd, link_model, cal, base_ms, iso_ms))
             add_overlap_fields(rec)
             if link_model is not None:

@@ -6,6 +6,9 @@
 
 Model flags are Megatron-LM's (see --help). With no --load a small seeded model and a byte-level
 tokenizer are built, so it runs on a fresh machine with nothing downloaded. Rank 0 prints.
+`--bf16` / `--fp16` are Megatron-LM's: the model is built with that params_dtype and runs inside
+megatron-core's Float16Module (norms and learned position embeddings in half precision too;
+logits fp32). On the command line they win over the precision a checkpoint's args store.
 Timings: one warm-up prefill (excluded), then the timed run; CUDA is synchronised before every
 clock read.
 """
@@ -86,7 +89,12 @@ def prepare_args(argv=None):
                 fail(parser, f"--use-checkpoint-args: {e}")
             if not stored:
                 fail(parser, f"--use-checkpoint-args: the checkpoint in {args.load} stores no args")
+            # --bf16 / --fp16 on the command line win (Megatron-LM's --use-checkpoint-args takes
+            # the model's shape, not its precision); without either, the stored flags apply
+            precision_asked = args.bf16 or args.fp16
             for k in margs.CHECKPOINT_ARGS:
+                if precision_asked and k in ("bf16", "fp16"):
+                    continue
                 if k in stored and stored[k] is not None:
                     setattr(args, k, stored[k])
     if sum(x is not None for x in (args.prompts, args.prompt_file, args.prompt_token_ids)) > 1:
@@ -108,6 +116,9 @@ def prepare_args(argv=None):
                 args.ds_config = json.load(f)
         except (OSError, ValueError) as e:
             fail(parser, f"--deepspeed-config {args.deepspeed_config}: {e}")
+        ds_dtype_error = deepspeed_dtype_error(args)
+        if ds_dtype_error:
+            fail(parser, ds_dtype_error)
         if "iso" in args.ds_config:  # DeepSpeed's "iso" section is the ISO setting on this path
             try:
                 args.iso_config = ISOConfig(**args.ds_config["iso"])
@@ -139,6 +150,28 @@ def prepare_args(argv=None):
                          f"({args.num_tokens_to_generate}) exceed --max-position-embeddings "
                          f"({args.max_position_embeddings})")
     return args, tokenizer
+
+
+def precision_name(args) -> str:
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
+def deepspeed_dtype_error(args) -> "str | None":
+    """DeepSpeed's engine casts the whole model to its config's "dtype": it must be the
+    precision --bf16 / --fp16 give (default fp32), or it would undo (or redo) Float16Module."""
+    if "dtype" not in args.ds_config:
+        return None  # init_inference_megatron takes the model's own dtype
+    from deepspeed.inference.config import DtypeEnum
+
+    try:
+        ds_dtype = DtypeEnum.from_str(args.ds_config["dtype"])
+    except ValueError as e:
+        return f"--deepspeed-config \"dtype\": {e}"
+    if ds_dtype.name != precision_name(args):
+        return (f"--deepspeed-config \"dtype\" is {args.ds_config['dtype']!r} but the model runs "
+                f"{precision_name(args)} (--bf16 / --fp16 choose it): make them agree, or leave "
+                "\"dtype\" out")
+    return None
 
 
 def build_tokenizer(args):
@@ -216,37 +249,37 @@ def init_distributed(args):
 
 
 def build_model(args, device):
+    """The GPTModel as Megatron-LM builds it for inference: params_dtype from --bf16/--fp16,
+    the checkpoint loaded into the GPTModel itself (its own keys), ISO applied, then megatron-core's
+    Float16Module around it for --bf16/--fp16 (logits come out fp32), then DeepSpeed's engine."""
     from megatron.core.models.gpt import GPTModel
 
     from iso_megatron import apply_iso, get_gpt_layer_iso_spec
-    from iso_megatron.megatron.args import transformer_config
+    from iso_megatron.megatron.args import gpt_model_kwargs, layer_spec, transformer_config
+    from iso_megatron.megatron.precision import float16_module
 
     config = transformer_config(args)
-    if args.transformer_impl == "transformer_engine":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-        base = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
-    else:
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-        base = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
-    model = GPTModel(config, get_gpt_layer_iso_spec(base, args.iso_config),
-                     vocab_size=args.padded_vocab_size,
-                     max_sequence_length=args.max_position_embeddings,
-                     position_embedding_type=args.position_embedding_type,
-                     rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
-                     share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+    spec = get_gpt_layer_iso_spec(layer_spec(args), args.iso_config)
+    model = GPTModel(config, spec, **gpt_model_kwargs(args))
     if args.load:
         from iso_megatron.megatron.checkpoint import load_checkpoint
 
         load_checkpoint(model, args.load, ckpt_format=args.ckpt_format)
     model = model.to(device).eval()
     apply_iso(model, args.iso_config)
+    model = float16_module(model, config)
     if args.deepspeed:
         from iso_megatron.patches.deepspeed import init_inference_megatron
 
         model = init_inference_megatron(model, args.ds_config)
     return model
+
+
+def gpt_model(model):
+    """The megatron-core GPTModel inside DeepSpeed's engine and/or Float16Module."""
+    from megatron.core.utils import get_attr_wrapped_model
+
+    return get_attr_wrapped_model(model, "decoder", return_model_obj=True)
 
 
 def run(args, tokenizer, device, rank: int) -> dict:
@@ -282,13 +315,15 @@ def run(args, tokenizer, device, rank: int) -> dict:
             apply_iso(mcore, args.iso_config)
             rec.update(prefill_ms=round(iso_ms, 3), baseline_prefill_ms=round(base_ms, 3),
                        speedup=round(base_ms / iso_ms, 4),
-                       max_abs_logit_diff=float((iso_logits - base_logits).abs().max()))
+                       max_abs_logit_diff=float((iso_logits - base_logits).abs().max()),
+                       max_rel_logit_diff=float((iso_logits - base_logits).abs().max()
+                                                / base_logits.abs().max().clamp_min(1e-30)))
         results.append(rec)
     bar.close()
     if args.save_logits and rank == 0:
         torch.save(all_logits, args.save_logits)
     iso = args.iso_config
-    return dict(tp=args.tensor_model_parallel_size, device=str(device),
+    return dict(tp=args.tensor_model_parallel_size, device=str(device), precision=precision_name(args),
                 iso=dict(enabled=iso.enabled, num_chunks=iso.num_chunks,
                          split=iso.split if isinstance(iso.split, str) else list(iso.split),
                          min_tokens=iso.min_tokens),
@@ -317,7 +352,7 @@ def _main(args, tokenizer) -> int:
         with tqdm(total=1, desc="loading" if args.load else "building embedded default model",
                   disable=rank != 0, file=sys.stderr) as bar:
             args.model = build_model(args, device)
-            args._mcore_model = getattr(args.model, "module", args.model)
+            args._mcore_model = gpt_model(args.model)
             bar.update(1)
         out = run(args, tokenizer, device, rank)
     except (ValueError, OSError, RuntimeError) as e:
@@ -326,7 +361,7 @@ def _main(args, tokenizer) -> int:
         return 1
     if rank == 0:
         r = out
-        print(f"TP={out['tp']} device={out['device']} ISO={out['iso']}")
+        print(f"TP={out['tp']} device={out['device']} precision={out['precision']} ISO={out['iso']}")
         for i, rec in enumerate(out["results"]):
             line = (f"prompt {i}: {len(rec['prompt_token_ids'])} tokens, prefill "
                     f"{rec['prefill_ms']:.1f} ms, decode {rec['decode_ms_per_token']:.1f} ms/token")

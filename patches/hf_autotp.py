@@ -20,9 +20,10 @@ classes only (no parameter added or renamed, the same state-dict keys):
 Per chunk, the layer's own attention module runs on the chunk's queries with the chunk's RoPE
 (cos/sin rows) and position ids, appends the chunk's K/V to the HF cache (a private DynamicCache
 when the caller has none), and attends over keys 0..end with the model's own 4-D mask sliced to
-[chunk rows, :end] (padding included); where the model relied on sdpa's `is_causal`, an explicit
-bottom-right causal mask is given. So the cache comes out as the stock prefill's and `generate()`
-continues on the stock path.
+[chunk rows, :end] (padding included); where the model relied on sdpa's `is_causal` (no mask),
+a later chunk gets `BottomRightCausal`, which sdpa runs as bottom-right causal attention without
+building a mask. So the cache comes out as the stock prefill's and `generate()` continues on the
+stock path.
 
 Everything else runs the stock code (`ISOStack.plan` decides, with `planner.plan_prefill` for
 the split, `auto` included): TP 1, training, autograd, decode (one token or a non-empty cache),
@@ -192,20 +193,28 @@ _CONSUMED = ("attention_mask", "position_embeddings", "position_ids", "cache", "
 _PACKED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
-def _chunk_mask(mask, start: int, end: int, device):
-    """Rows [start, end) of the prefill's mask over keys [0, end), in the mask's own format."""
+def _chunk_mask(mask, start: int, end: int):
+    """Rows [start, end) of the prefill's mask over keys [0, end), in the mask's own format.
+
+    Without a mask (sdpa attention, no padding: the model relies on sdpa's `is_causal`), chunk
+    0 is a square causal block (`is_causal`, as stock) and a later chunk gets `BottomRightCausal`:
+    sdpa's `is_causal` is top-left aligned (and HF would crop the keys), while this marker runs
+    bottom-right causal attention with no mask built (fused kernels on CUDA, the CPU flash
+    kernel's causal and unmasked forms merged by log-sum-exp on CPU).
+    """
     if mask is not None:
         return mask[..., start:end, :end]
     if start == 0:
-        return None  # chunk 0 is a square causal block: sdpa's is_causal, as stock
-    # sdpa's is_causal is top-left aligned: give later chunks an explicit mask (True = attend)
-    return torch.ones(end - start, end, dtype=torch.bool, device=device).tril(start)[None, None]
+        return None
+    from iso_megatron.sdpa import BottomRightCausal
+
+    return BottomRightCausal(end - start, end)
 
 
 class HFChunkOps:
     """The chunk steps of HF decoder layers, for `schedule.run_prefill`."""
 
-    def __init__(self, stack: "ISOStack", bounds: List[int], kwargs: Dict, device):
+    def __init__(self, stack: "ISOStack", bounds: List[int], kwargs: Dict):
         self.fam, self.layers, self.bounds = stack.family, stack.layers, bounds
         cache = _cache_arg(kwargs)
         self.private = cache is None
@@ -222,7 +231,7 @@ class HFChunkOps:
         self.chunk_kwargs = []
         for c in range(len(bounds) - 1):
             a, b = bounds[c], bounds[c + 1]
-            kw = dict(extra, attention_mask=_chunk_mask(mask, a, b, device))
+            kw = dict(extra, attention_mask=_chunk_mask(mask, a, b))
             kw[stack.cache_name] = cache
             if pos_ids is not None:
                 kw["position_ids"] = pos_ids[..., a:b]
@@ -360,11 +369,15 @@ class ISOStack:
             return self.layers[0](hidden, *args, **kwargs), False
         bounds = plan.bounds
         chunks = [hidden[:, bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
-        ops = HFChunkOps(self, bounds, kwargs, hidden.device)
+        ops = HFChunkOps(self, bounds, kwargs)
         reducer = comm.make_reducer(self.linears[0].mp_group)
         with deferred(self.linears):
-            out = run_prefill(ops, len(self.layers), chunks, reducer)
-        return torch.cat(out, dim=1), True
+            chunks = run_prefill(ops, len(self.layers), chunks, reducer)
+        # each chunk written into one output and dropped: never the chunks and a copy at once
+        out = torch.empty_like(hidden)
+        for c in range(len(chunks)):
+            out[:, bounds[c]:bounds[c + 1]], chunks[c] = chunks[c], None
+        return out, True
 
 
 class _StackEntry:

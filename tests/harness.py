@@ -142,12 +142,41 @@ _PORT_TAKEN = ("Address already in use", "EADDRINUSE")
 
 
 def run_torchrun(nproc: int, argv, timeout: float = 300, env=None):
-    """`torchrun --nproc-per-node nproc argv...` in its own process group; killed whole on timeout.
+    """`torchrun --nproc-per-node nproc argv...` in its own process group; killed whole, with
+    its workers, on timeout and after it returns.
     Returns (returncode, combined output). Retried once if the free port was taken meanwhile."""
     rc, out = _run_torchrun(nproc, argv, timeout, env)
     if rc != 0 and any(t in out for t in _PORT_TAKEN):
         rc, out = _run_torchrun(nproc, argv, timeout, env)
     return rc, out
+
+
+def _descendants(proc, seen: dict) -> None:
+    """Add `proc`'s live descendants to `seen` (pid -> psutil.Process): torchrun starts its
+    workers in sessions of their own, so killing torchrun's group does not reach them, and once
+    torchrun has exited they are no longer its children."""
+    import psutil
+
+    try:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            seen.setdefault(child.pid, child)
+    except psutil.Error:
+        pass
+
+
+def _kill_descendants(seen: dict) -> None:
+    import psutil
+
+    for child in seen.values():
+        try:
+            if child.is_running():
+                try:
+                    os.killpg(os.getpgid(child.pid), signal.SIGKILL)  # its spawned workers too
+                except (ProcessLookupError, PermissionError):
+                    pass
+                child.kill()
+        except psutil.Error:
+            pass
 
 
 def _run_torchrun(nproc, argv, timeout, env):
@@ -157,13 +186,22 @@ def _run_torchrun(nproc, argv, timeout, env):
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
+    deadline, seen = time.monotonic() + timeout, {}
     try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill([proc])
-        out, _ = proc.communicate()
-        raise RankFailure(f"torchrun {argv} timed out after {timeout}s\n{out.decode(errors='replace')[-4000:]}")
+        while True:
+            _descendants(proc, seen)
+            try:  # retrying communicate after its timeout loses no output
+                out, _ = proc.communicate(timeout=min(1.0, max(deadline - time.monotonic(), 0.01)))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() > deadline:
+                    _kill([proc])
+                    _kill_descendants(seen)
+                    out, _ = proc.communicate()
+                    raise RankFailure(f"torchrun {argv} timed out after {timeout}s\n"
+                                      f"{out.decode(errors='replace')[-4000:]}")
     finally:
-        _kill([proc])  # whatever the run left in its process group
+        _kill([proc])  # whatever the run left in its process group, and its workers' groups
+        _kill_descendants(seen)
         _remove_deepspeed_shm(port)
     return proc.returncode, out.decode(errors="replace")

@@ -208,3 +208,28 @@ def test_parse_profile():
     for bad in ("ratio:x", "gpu:4090/30b", "foo", "ratio:-1", "gpu:v100/30b/tp4"):
         with pytest.raises(ValueError):
             cm.parse_profile(bad)
+
+
+def test_measured_fused_attention_cost_per_pair():
+    # 1 layer, 4 heads of 16 over TP 2 (2 heads per rank), chunk [100, 300): 300*301/2 - 100*101/2
+    # = 40,100 causal pairs; at 1 us per pair and head the core costs 2 x 40,100 us = 80.2 ms,
+    # in place of its roofline (under a microsecond here: 5.1 MFLOP at 10 TFLOPS, 64 kB at 100 GB/s)
+    shape = cm.ModelShape("t", 1, 64, 4, 4, 128, False)
+    slow = cm.DeviceProfile("d", 10.0, 100.0, attn_pair_s=1e-6)
+    fast = cm.DeviceProfile("d", 10.0, 100.0)
+    a = cm.chunk_costs(shape, slow, L4090, 2, 100, 300)["attn"].compute_s
+    b = cm.chunk_costs(shape, fast, L4090, 2, 100, 300)["attn"].compute_s
+    assert 0 < b < 1e-5
+    assert a - b == pytest.approx(80.2e-3, rel=1e-4)
+    # below the roofline a measurement changes nothing
+    tiny = cm.DeviceProfile("d", 10.0, 100.0, attn_pair_s=1e-18)
+    assert cm.chunk_costs(shape, tiny, L4090, 2, 100, 300)["attn"].compute_s == b
+
+
+def test_searched_plans_of_long_prompts_lie_on_tiles():
+    link = cm.LinkProfile("slow NVLink", 10.0, 30.0)
+    for n in (4096, 8000, 32768):
+        plan = cm.best_plan(M70, DA800, link, 4, n, max_chunks=4)
+        assert plan.num_chunks > 1  # M/C ~ 0.7: a split pays
+        assert all(b % 64 == 0 for b in plan.boundaries[1:-1]), plan.boundaries
+        assert plan.boundaries[-1] == n

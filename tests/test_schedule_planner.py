@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from iso_megatron import ISOConfig
-from iso_megatron.planner import chunk_boundaries, plan_prefill
+from iso_megatron.planner import TILE_TOKENS, chunk_boundaries, plan_prefill
 from iso_megatron.schedule import Step, check_schedule, prefill_schedule, run_prefill
 from iso_megatron.shape import ModelShape, TokenCost
 
@@ -58,14 +58,58 @@ def test_even_split():
 def test_balanced_split_equalises_compute():
     cost = TokenCost.from_shape(LLAMA_7B)
     for seq in (1024, 8192, 32768):
-        b = chunk_boundaries(seq, 2, "balanced", cost)
+        b = chunk_boundaries(seq, 2, "balanced", cost, tile=1)  # the formula, not rounded to tiles
         work = [cost.linear * (e - s) + cost.attn_pair * (e * (e + 1) - s * (s + 1)) / 2
                 for s, e in zip(b, b[1:])]
         assert b[1] > seq // 2  # chunk 0 gets more than half
         assert abs(work[0] - work[1]) / max(work) < 2e-3
     # longer prompts: attention matters more, chunk 0 grows
-    fr = [chunk_boundaries(s, 2, "balanced", cost)[1] / s for s in (1024, 8192, 32768)]
+    fr = [chunk_boundaries(s, 2, "balanced", cost, tile=1)[1] / s for s in (1024, 8192, 32768)]
     assert fr[0] < fr[1] < fr[2]
+
+
+def test_long_prompts_split_on_64_token_tiles():
+    # every split kind, by hand: 1000 even -> 500 -> 512; 2000 at 0.3 -> 600 -> 576 (600 is 9.4
+    # tiles); 3000 in thirds -> 1000, 2000 -> 1024 (15.6 tiles), 1984 (31.25); 4096 balanced (7B: chunk 0 larger) -> a multiple of 64 within half a tile of the
+    # exact cut and still past the middle
+    assert chunk_boundaries(1000, 2, "even") == [0, 512, 1000]
+    assert chunk_boundaries(2000, 2, (0.3, 0.7)) == [0, 576, 2000]
+    assert chunk_boundaries(3000, 3, "even") == [0, 1024, 1984, 3000]
+    cost = TokenCost.from_shape(LLAMA_7B)
+    exact = chunk_boundaries(4096, 2, "balanced", cost, tile=1)
+    b = chunk_boundaries(4096, 2, "balanced", cost)
+    assert b[1] % 64 == 0 and abs(b[1] - exact[1]) <= 32 and b[1] > 2048 and b[1] != exact[1]
+
+
+def test_short_prompts_keep_their_exact_split():
+    # chunks under 4 tiles (256 tokens): rounding would move a cut by up to 1/8 of the chunk or
+    # more (160 even -> 64/96), so the split stays as asked
+    assert chunk_boundaries(160, 2, "even") == [0, 80, 160]
+    assert chunk_boundaries(500, 2, "even") == [0, 250, 500]
+    assert chunk_boundaries(1000, 4, "even") == [0, 250, 500, 750, 1000]
+    # 575 even: 288 would round up to 320 and leave 255 tokens to the last chunk
+    assert chunk_boundaries(575, 2, "even") == [0, 288, 575]
+    assert chunk_boundaries(576, 2, "even") == [0, 320, 576]
+    with pytest.raises(ValueError, match="tile must be an int >= 1"):
+        chunk_boundaries(1000, 2, "even", tile=0)
+
+
+@pytest.mark.parametrize("split", ["even", "balanced", (0.1, 0.2, 0.3, 0.4), (0.97, 0.01, 0.02)])
+def test_rounded_boundaries_stay_a_valid_split(split):
+    cost = TokenCost.from_shape(LLAMA_7B)
+    k = 2 if isinstance(split, str) else len(split)
+    for seq in list(range(200, 5000, 37)) + [8192, 32768, 131072]:
+        for kk in ((k, 3, 4) if isinstance(split, str) else (k,)):
+            exact = chunk_boundaries(seq, kk, split, cost, tile=1)
+            b = chunk_boundaries(seq, kk, split, cost)
+            assert b[0] == 0 and b[-1] == seq and len(b) == len(exact)
+            assert all(x < y for x, y in zip(b, b[1:]))
+            if b != exact:  # rounded: every inner cut on a tile, moved by at most half a tile
+                assert all(x % TILE_TOKENS == 0 and abs(x - e) <= 32 for x, e in zip(b[1:-1], exact[1:-1]))
+                assert min(y - x for x, y in zip(b, b[1:])) >= 4 * TILE_TOKENS
+            # chunks far from 4 tiles (>= 4 tiles + a whole tile of slack) are always rounded
+            if min(y - x for x, y in zip(exact, exact[1:])) >= 5 * TILE_TOKENS:
+                assert all(x % TILE_TOKENS == 0 for x in b[1:-1]), (seq, kk, exact, b)
 
 
 def test_explicit_fractions():
@@ -199,6 +243,9 @@ def test_plan_splits_as_configured():
     assert plan.bounds == (0, 512, 1024, 1536) and plan.num_chunks == 3
     plan = plan_prefill(ISOConfig(split=(0.25, 0.75), min_tokens=0), LLAMA_7B, 8, 1, 2)
     assert plan.bounds == (0, 2, 8)
+    # the Megatron and HF adapters both plan here: long prompts on 64-token tiles
+    plan = plan_prefill(ISOConfig(split="even"), LLAMA_7B, 1000, 1, 2)
+    assert plan.bounds == (0, 512, 1000)
     with pytest.raises(ValueError, match="needs the device"):
         plan_prefill(ISOConfig(split="auto"), LLAMA_7B, 1024, 1, 2)
 
@@ -218,7 +265,8 @@ def test_model_shape_reads_kv_channels_from_both_frameworks():
 
 def test_core_imports_no_framework():
     code = ("import sys, iso_megatron.schedule, iso_megatron.planner, iso_megatron.calibrate, "
-            "iso_megatron.costmodel, iso_megatron.comm, iso_megatron.cli, iso_megatron.config; "
+            "iso_megatron.costmodel, iso_megatron.comm, iso_megatron.cli, iso_megatron.config, "
+            "iso_megatron.sdpa; "
             "print(sorted(m for m in ('megatron.core', 'deepspeed', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

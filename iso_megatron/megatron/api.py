@@ -39,8 +39,9 @@ def get_gpt_layer_iso_spec(base_spec: Optional[ModuleSpec] = None,
     """The ISO variant of a GPT layer spec (default: `get_gpt_layer_local_spec()`).
 
     Same submodules, same parameter names and state-dict keys; only classes change:
-    TransformerLayer -> ISOTransformerLayer, row-parallel linears -> their deferred-reduce
-    subclasses, core attention -> its chunk-aware subclass. Unsupported parts (MoE, MLA, an
+    TransformerLayer -> ISOTransformerLayer, SelfAttention -> ISOSelfAttention (flash_decode's
+    RoPE per chunk), row-parallel linears -> their deferred-reduce subclasses, core attention ->
+    its chunk-aware subclass. Unsupported parts (MoE, MLA, an
     unknown attention backend) raise a ValueError naming them when the model is built.
     """
     if base_spec is None:
@@ -61,8 +62,11 @@ def _blocks(model):
 def apply_iso(model, iso_config: Optional[ISOConfig] = None):
     """Convert a built megatron-core model (GPTModel, or any module holding TransformerBlocks)
     to ISO in place and return it. No parameter is copied, added or renamed: only the classes
-    of the block, its layers, their row-parallel linears and core attention change.
-    `apply_iso(model, ISOConfig(enabled=False))` puts the stock classes back.
+    of the block, its layers, their self-attention, row-parallel linears and core attention
+    change.
+    `apply_iso(model, ISOConfig(enabled=False))` puts the stock classes back. `model` may be
+    wrapped (megatron-core's Float16Module for bf16/fp16, DeepSpeed's engine): the blocks are
+    found inside, and wrapping before or after `apply_iso` gives the same model.
     """
     iso_config = ISOConfig() if iso_config is None else iso_config
     if not isinstance(iso_config, ISOConfig):
@@ -92,8 +96,8 @@ def apply_iso(model, iso_config: Optional[ISOConfig] = None):
                 raise ValueError(f"apply_iso: layer class {type(layer).__name__} is not a stock "
                                  "TransformerLayer (MoE/hybrid/custom layers are not supported)")
             swaps.append((layer, ISOTransformerLayer))
-            for m in (layer.self_attention.linear_proj, layer.self_attention.core_attention,
-                      getattr(layer.mlp, "linear_fc2", None)):
+            for m in (layer.self_attention, layer.self_attention.linear_proj,
+                      layer.self_attention.core_attention, getattr(layer.mlp, "linear_fc2", None)):
                 if type(m) in to_iso:
                     swaps.append((m, to_iso[type(m)]))
     def check_layers():

@@ -34,6 +34,10 @@ CHECKPOINT_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attentio
                    "tokenizer_type", "bf16", "fp16")
 
 
+# Megatron-LM's --attention-backend values (megatron.core.transformer.enums.AttnBackend).
+ATTENTION_BACKENDS = ("flash", "fused", "unfused", "local", "auto")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = cli.add_shape_args(p)  # the shape flags every launcher shares; Megatron-only ones below
     g.add_argument("--kv-channels", type=int, help="default hidden/heads")
@@ -43,6 +47,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    default="learned_absolute")
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Apply rope scaling as used in llama3.x")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0,
+                   help="Rope scaling factor in llama3.x models")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true")
@@ -54,6 +62,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--padded-vocab-size", type=int, help="padded vocabulary, as stored in checkpoints")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="Megatron-LM's names. transformer_engine: TE's backend of that name. "
+                        "local: flash/fused/auto = torch's fused SDPA kernels (SDPAAttention), "
+                        "unfused/local = megatron's DotProductAttention (materialises [s, s])")
     c = p.add_argument_group("checkpoint and tokenizer (Megatron-LM names)")
     c.add_argument("--load", help="checkpoint directory (Megatron torch/torch_dist or DeepSpeed)")
     c.add_argument("--ckpt-format", choices=["auto", "torch", "torch_dist", "deepspeed"], default="auto")
@@ -116,6 +128,10 @@ def check_args(args, world_size: int) -> List[str]:
     if groups % tp and tp % groups:
         errors.append(f"--num-query-groups ({groups}) must be a multiple or divisor of "
                       f"--tensor-model-parallel-size ({tp})")
+    if args.attention_backend == "local" and args.transformer_impl != "local":
+        errors.append("--attention-backend local is only supported with --transformer-impl local")
+    if args.use_rope_scaling and args.position_embedding_type != "rope":
+        errors.append("--use-rope-scaling needs --position-embedding-type rope")
     if args.padded_vocab_size is not None and args.padded_vocab_size % tp:
         errors.append(f"--padded-vocab-size ({args.padded_vocab_size}) must be divisible by "
                       f"--tensor-model-parallel-size ({tp})")
@@ -125,6 +141,7 @@ def check_args(args, world_size: int) -> List[str]:
 def transformer_config(args):
     """megatron.core TransformerConfig from Megatron-LM args (inference: no dropout)."""
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnBackend
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     return TransformerConfig(
@@ -137,12 +154,66 @@ def transformer_config(args):
         activation_func=F.silu if args.swiglu else F.gelu,
         add_bias_linear=args.add_bias_linear, add_qkv_bias=args.add_qkv_bias,
         apply_residual_connection_post_layernorm=args.apply_residual_connection_post_layernorm,
-        qk_layernorm=args.qk_layernorm,
+        qk_layernorm=args.qk_layernorm, attention_backend=AttnBackend[args.attention_backend],
         hidden_dropout=0.0, attention_dropout=0.0, params_dtype=dtype,
         bf16=args.bf16, fp16=args.fp16, use_cpu_initialization=not torch.cuda.is_available(),
         bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=fused_softmax_available(),
         gradient_accumulation_fusion=False, persist_layer_norm=False)
+
+
+def layer_spec(args):
+    """The stock megatron-core layer spec the flags choose (ISO swaps its classes in after).
+
+    --attention-backend, Megatron-LM's vocabulary, maps to core attention as follows:
+      transformer_engine  flash | fused | unfused | auto: TE's spec; TE picks the backend
+                          (megatron-core sets NVTE_*_ATTN from config.attention_backend).
+                          local: an error, as in Megatron-LM.
+      local               flash | fused | auto: SDPAAttention (iso_megatron.megatron.attention),
+                          torch's fused SDPA kernels (cuDNN / flash / memory-efficient on
+                          CUDA, flash on CPU), no [s, s] scores;
+                          unfused | local: megatron-core's DotProductAttention, Megatron-LM's
+                          local spec as it is (materialises [b*heads, s, s] scores).
+    Megatron-LM's local spec ignores the flag (always DotProductAttention); here its default,
+    auto, picks the fused kernels, whose output is DotProductAttention's (tests/test_attention.py).
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if args.attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention-backend {args.attention_backend!r}: choose one of {ATTENTION_BACKENDS}")
+    if args.transformer_impl == "transformer_engine":
+        if args.attention_backend == "local":
+            raise ValueError("--attention-backend local is only supported with --transformer-impl local")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_layernorm)
+    if args.transformer_impl != "local":
+        raise ValueError(f"--transformer-impl {args.transformer_impl!r}: local or transformer_engine")
+    spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=args.qk_layernorm)
+    if args.attention_backend in ("flash", "fused", "auto"):
+        from .attention import sdpa_layer_spec
+
+        spec = sdpa_layer_spec(spec)
+    return spec
+
+
+def gpt_model_kwargs(args) -> dict:
+    """GPTModel's constructor arguments besides the config and the layer spec, as Megatron-LM's
+    gpt_builders passes them (RoPE scaling: Llama-3.1's, megatron-core's implementation)."""
+    import inspect
+
+    from megatron.core.models.gpt import GPTModel
+
+    kwargs = dict(vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
+                  position_embedding_type=args.position_embedding_type,
+                  rotary_base=args.rotary_base, rotary_percent=args.rotary_percent,
+                  share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+    if args.use_rope_scaling:
+        if "rope_scaling_factor" not in inspect.signature(GPTModel.__init__).parameters:
+            raise ValueError("--use-rope-scaling: this megatron-core's GPTModel has no rope scaling")
+        kwargs.update(rope_scaling=True, rope_scaling_factor=args.rope_scaling_factor)
+    return kwargs
 
 
 def fused_softmax_available() -> bool:

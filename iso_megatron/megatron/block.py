@@ -22,16 +22,17 @@ from typing import Optional
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from .. import comm
 from ..config import ISOConfig, tp_divisibility_error
-from ..planner import Environment, PrefillPlan, plan_prefill, stock
+from ..planner import Environment, PrefillPlan, chunk_boundaries, plan_prefill, stock
 from ..schedule import run_prefill
 from ..shape import ModelShape
 from . import compat
-from .layers import ChunkAttentionMixin, DeferredReduceMixin
+from .layers import ChunkAttentionMixin, DeferredReduceMixin, ISOSelfAttention
 
 _BLOCK_FORWARD = inspect.signature(TransformerBlock.forward)
 _LAYER_FORWARD = inspect.signature(TransformerLayer._forward_attention)
@@ -57,8 +58,8 @@ def check_layer(layer: TransformerLayer) -> None:
     if not isinstance(attn.core_attention, ChunkAttentionMixin):
         raise ValueError(
             f"ISO: unsupported attention backend {type(attn.core_attention).__name__} in layer "
-            f"{layer.layer_number}; supported: megatron-core DotProductAttention (local spec) "
-            "and TEDotProductAttention")
+            f"{layer.layer_number}; supported: megatron-core DotProductAttention (local spec), "
+            "iso_megatron's SDPAAttention and TEDotProductAttention")
     for name, linear in (("self_attention.linear_proj", attn.linear_proj),
                          ("mlp.linear_fc2", getattr(layer.mlp, "linear_fc2", None))):
         if not isinstance(linear, DeferredReduceMixin):
@@ -67,19 +68,26 @@ def check_layer(layer: TransformerLayer) -> None:
                              "(MoE and custom MLPs are not supported)")
         if not linear.skip_bias_add:
             raise ValueError(f"ISO: layer {layer.layer_number} {name} must have skip_bias_add=True")
+    if getattr(layer.config, "flash_decode", False) and not isinstance(attn, ISOSelfAttention):
+        raise ValueError(f"ISO: layer {layer.layer_number} uses flash_decode, which needs "
+                         f"ISOSelfAttention (its chunks' RoPE), not {type(attn).__name__}")
     if type(layer.cross_attention).__name__ != "IdentityOp":
         raise ValueError(f"ISO: layer {layer.layer_number} has cross-attention (decoder-only only)")
 
 
 # ---- deciding whether a forward is an ISO prefill -------------------------------------------
 
-_UNSUPPORTED_ARGS = ("packed_seq_params", "attention_bias", "context", "rotary_pos_cos",
-                     "rotary_pos_sin", "rotary_pos_cos_sin")
+# (rotary_pos_cos / rotary_pos_sin come with flash_decode, handled by ISOSelfAttention)
+_UNSUPPORTED_ARGS = ("packed_seq_params", "attention_bias", "context", "rotary_pos_cos_sin")
 
 
 def plan_forward(iso: Optional[ISOConfig], config, training: bool, hidden_states, args,
-                 group) -> PrefillPlan:
-    """The plan of this forward: what only Megatron knows here, then `planner.plan_prefill`."""
+                 group, layers=None) -> PrefillPlan:
+    """The plan of this forward: what only Megatron knows here, then `planner.plan_prefill`.
+
+    `layers` (the layers ISO would run) give split="auto" its calibration on the model's own
+    layer and attention (`step_probe`, `attention_kind`); without them it calibrates on
+    miniatures."""
     if iso is None or not iso.enabled:
         return stock("ISO disabled")
     if training:
@@ -97,8 +105,11 @@ def plan_forward(iso: Optional[ISOConfig], config, training: bool, hidden_states
         return stock(f"forward argument {unsupported[0]} is not supported by ISO")
     if getattr(config, "fp8", None) or getattr(config, "fp4", None):
         return stock("fp8/fp4")
-    if getattr(config, "flash_decode", False) or getattr(config, "fused_single_qkv_rope", False):
-        return stock("flash_decode / fused_single_qkv_rope")  # their static-context branches assume decode
+    if getattr(config, "fused_single_qkv_rope", False):
+        # megatron fuses QKV+RoPE only for forwards without an inference context (and asserts
+        # with one), while ISO's chunks attend through a KV cache; flash_decode is handled
+        # (ISOSelfAttention) and changes only decode, which runs stock
+        return stock("fused_single_qkv_rope: megatron runs it only without a KV cache")
     why = compat.unsupported_forward(config, args)
     if why:
         return stock(why)
@@ -106,15 +117,66 @@ def plan_forward(iso: Optional[ISOConfig], config, training: bool, hidden_states
     mask = args.get("attention_mask")
     if mask is not None and tuple(mask.shape[-2:]) != (seq_len, seq_len):
         return stock("attention mask is not [.., s, s]")
-    env = Environment(hidden_states.device, config.params_dtype, group)
+    auto = bool(layers) and isinstance(iso.split, str) and iso.split == "auto"
+    env = Environment(hidden_states.device, config.params_dtype, group,
+                      step_probe(layers, hidden_states, args) if auto else None,
+                      attention_kind(layers) if auto else None)
     return plan_prefill(iso, ModelShape.from_megatron_config(config), seq_len, hidden_states.size(1),
                         comm.tp_size(group), env)
 
 
-def chunk_mask(mask, start: int, end: int, device):
-    """Mask rows for queries [start, end) against keys [0, end); True = masked."""
-    if mask is not None:  # contiguous: fused masked-softmax kernels assume it
+def attention_kind(layers) -> str:
+    """What the calibration should time (`planner.Environment.attention`): "unfused" for the
+    local spec's DotProductAttention (scores of the whole [chunk, keys] rectangle), "fused" for
+    SDPAAttention and TE's (causal kernels that skip the masked blocks)."""
+    from .attention import SDPAAttention
+
+    core = layers[0].self_attention.core_attention
+    unfused = isinstance(core, DotProductAttention) and not isinstance(core, SDPAAttention)
+    return "unfused" if unfused else "fused"
+
+
+class _NoReduce:
+    """A reducer that starts nothing (the calibration's probe must not communicate)."""
+
+    def __init__(self, group):
+        pass
+
+    def start(self, tensor):
+        return self
+
+    def wait(self):
+        pass
+
+
+def step_probe(layers, hidden_states, args, tokens: int = 128):
+    """`probe(k)` for split="auto"'s calibration (`planner.Environment.step_probe`): the first
+    of `layers` over the first `tokens` rows of this forward's `hidden_states`, run as an ISO
+    prefill in k even chunks through the real chunk path (megatron's Python included); returns
+    the number of chunks it ran (fewer for a prompt shorter than k). No collective (its reduces
+    start nothing), K/V in a private cache (never the caller's), no autograd; the output is
+    dropped. Building it costs a closure: it runs only when a calibration happens."""
+
+    def probe(k: int) -> int:
+        n = min(tokens, hidden_states.size(0))
+        bounds = chunk_boundaries(n, min(k, n), "even", tile=1)
+        with comm.use_reducer(_NoReduce), torch.no_grad():
+            _prefill(layers[:1], hidden_states[:n], bounds, {**args, "inference_context": None})
+        return len(bounds) - 1
+    return probe
+
+
+def chunk_mask(mask, start: int, end: int, device, causal: bool = True):
+    """Mask rows for queries [start, end) against keys [0, end); True = masked.
+
+    The caller's mask sliced to the chunk (contiguous: fused masked-softmax kernels assume it),
+    else the causal one when the attention needs it (`causal`), else None. Built per call and
+    dropped after it, so a prefill never holds more mask than one chunk's.
+    """
+    if mask is not None:
         return mask[..., start:end, :end].contiguous()
+    if not causal:
+        return None
     return torch.ones(end - start, end, dtype=torch.bool, device=device).triu(start + 1)[None, None]
 
 
@@ -124,15 +186,15 @@ class MegatronChunkOps:
     """The chunk steps of megatron-core TransformerLayers (what the stock layer does, per chunk).
 
     Attention for chunk c goes through megatron's static KV-cache path with the cache offset at
-    the chunk's first token, and an explicit mask (rows: the chunk's queries, columns: keys
-    0..end). Without a caller's inference context a private one holds the K/V: one buffer pair,
-    handed on to the next layer once a layer's last chunk has attended.
+    the chunk's first token; the core attention knows it runs a later chunk (`chunk_causal`)
+    and gets a mask only where it needs one. Without a caller's inference context a private one
+    holds the K/V: one buffer pair, handed on to the next layer once a layer's last chunk has
+    attended.
     """
 
     def __init__(self, layers, bounds, args, batch_size: int, device):
-        self.layers, self.bounds = layers, bounds
-        self.masks = [chunk_mask(args.get("attention_mask"), bounds[c], bounds[c + 1], device)
-                      for c in range(len(bounds) - 1)]
+        self.layers, self.bounds, self.device = layers, bounds, device
+        self.mask = args.get("attention_mask")
         self.ctx = args.get("inference_context")
         self.private_kv = self.ctx is None
         if self.private_kv:
@@ -142,13 +204,16 @@ class MegatronChunkOps:
 
     def attention(self, i, c, hidden):
         layer = self.layers[i]
-        self.ctx.sequence_len_offset = self.bounds[c]
+        start, end = self.bounds[c], self.bounds[c + 1]
+        mask = chunk_mask(self.mask, start, end, self.device,
+                          causal=layer.self_attention.core_attention.needs_causal_mask)
+        self.ctx.sequence_len_offset = start
         try:
-            out = layer.self_attention(layer.input_layernorm(hidden), attention_mask=self.masks[c],
+            out = layer.self_attention(layer.input_layernorm(hidden), attention_mask=mask,
                                        inference_context=self.ctx, **self.attn_kwargs)
         finally:
             self.ctx.sequence_len_offset = 0  # as the caller left it (ISO runs only at offset 0)
-        if self.private_kv and c == len(self.masks) - 1:
+        if self.private_kv and c == len(self.bounds) - 2:
             # this layer's K/V are done with: the next layer overwrites the same buffers chunk
             # by chunk (it reads only positions its own earlier chunks wrote)
             kv = self.ctx.key_value_memory_dict.pop(layer.layer_number)
@@ -173,7 +238,7 @@ def iso_mode(layers):
     """Row-parallel reduces deferred and chunk-causal attention on, for one prefill."""
     modules = [m for layer in layers for m in
                (layer.self_attention.linear_proj, layer.mlp.linear_fc2,
-                layer.self_attention.core_attention)]
+                layer.self_attention.core_attention, layer.self_attention)]
     try:
         for m in modules:
             if isinstance(m, DeferredReduceMixin):
@@ -191,12 +256,24 @@ def _tp_group(layers):
     return compat.tp_group(layers[0].self_attention.linear_proj)
 
 
-def _prefill(layers, hidden_states, bounds, args):
+def _prefill(layers, hidden_states, bounds, args, final=None):
+    """The ISO prefill of `layers` over `hidden_states` [s, b, h]: the output [s, b, h], each
+    chunk written into it in place (after `final`, e.g. the final layernorm) as it is dropped,
+    so the prefill never holds the chunks and a concatenated copy at once."""
     chunks = [hidden_states[bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
     ops = MegatronChunkOps(layers, bounds, args, hidden_states.size(1), hidden_states.device)
     reducer = comm.make_reducer(_tp_group(layers))
     with iso_mode(layers):
-        return run_prefill(ops, len(layers), chunks, reducer)
+        chunks = run_prefill(ops, len(layers), chunks, reducer)
+    out = None
+    for c in range(len(chunks)):
+        chunk, chunks[c] = chunks[c], None
+        if final is not None:
+            chunk = final(chunk)
+        if out is None:  # the dtype the layers (and `final`) produce, as stock's output has
+            out = chunk.new_empty((hidden_states.size(0),) + tuple(chunk.shape[1:]))
+        out[bounds[c]:bounds[c + 1]] = chunk
+    return out
 
 
 # ---- the modules ---------------------------------------------------------------------------
@@ -226,7 +303,7 @@ class ISOTransformerLayer(TransformerLayer):
                                                     if k != "dynamic_inference_decode_only"}).arguments
         hidden_states = bound["hidden_states"]
         plan = plan_forward(self.iso_config, self.config, self.training, hidden_states, bound,
-                            _tp_group([self]))
+                            _tp_group([self]), [self])
         self.iso_plan = plan
         if plan.bounds is None:
             return super().forward(*args, **kwargs)
@@ -234,8 +311,7 @@ class ISOTransformerLayer(TransformerLayer):
             warnings.warn("ISO layers run inside a stock TransformerBlock overlap within each "
                           "layer only; call iso_megatron.apply_iso(model) for cross-layer overlap")
             self._warned_single = True
-        chunks = _prefill([self], hidden_states, plan.bounds, bound)
-        return torch.cat(chunks, dim=0), bound.get("context")
+        return _prefill([self], hidden_states, plan.bounds, bound), bound.get("context")
 
 
 class ISOTransformerBlock(TransformerBlock):
@@ -257,11 +333,8 @@ class ISOTransformerBlock(TransformerBlock):
             plan = stock("no layers in this block")
         else:
             plan = plan_forward(self.iso_config, self.config, self.training, hidden_states, bound,
-                                _tp_group(self.layers))
+                                _tp_group(self.layers), list(self.layers))
         self.iso_plan = plan
         if plan.bounds is None:
             return super().forward(*call.args[1:], **call.kwargs)
-        chunks = _prefill(list(self.layers), hidden_states, plan.bounds, bound)
-        if self.final_layernorm is not None:
-            chunks = [self.final_layernorm(c) for c in chunks]
-        return torch.cat(chunks, dim=0)
+        return _prefill(list(self.layers), hidden_states, plan.bounds, bound, self.final_layernorm)

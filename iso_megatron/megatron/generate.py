@@ -2,7 +2,9 @@
 
 Prefill is one forward over the prompt (ISO when the model has it and the prompt qualifies),
 decode is token by token on the stock path. Sampling is identical on every TP rank: logits are
-gathered, and every rank draws from the same seeded generator.
+gathered, and every rank draws from the same seeded generator. `model` may be wrapped
+(megatron-core's Float16Module for bf16/fp16, whose logits come out fp32; DeepSpeed's engine):
+only its forward and its parameters' device are used. Logits are sampled and returned in fp32.
 """
 
 from __future__ import annotations
@@ -33,12 +35,27 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def prefill(model, ids: torch.Tensor, ctx: StaticInferenceContext, mask: torch.Tensor):
+def prefill_mask(model, seq_len: int, device) -> Optional[torch.Tensor]:
+    """The causal mask of a prompt, or None where every core attention of `model` makes the
+    causal form itself (`needs_causal_mask = False`: the SDPA attention, TE under ISO): a
+    [s, s] mask is 1 GiB at 32k tokens, and a fused kernel given one cannot skip blocks."""
+    if all(not getattr(m, "needs_causal_mask", True) for m in _core_attentions(model)):
+        return None
+    return causal_mask(seq_len, device=device)
+
+
+def _core_attentions(model):
+    found = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
+    return found or [None]  # no megatron attention found: give the mask, as before
+
+
+def prefill(model, ids: torch.Tensor, ctx: StaticInferenceContext, mask: Optional[torch.Tensor]):
     """Logits [b, s, vocab] for every prompt position; fills ctx's KV cache."""
     b, s = ids.shape
     compat.full_prefill_logits(ctx)
     pos = torch.arange(s, device=ids.device)[None].expand(b, s)
-    return model(ids, pos, mask[..., :s, :s], inference_context=ctx, runtime_gather_output=True)
+    mask = None if mask is None else mask[..., :s, :s]
+    return model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -70,21 +87,21 @@ def generate(model, prompt_ids: List[int], num_tokens: int, temperature: float =
     if max_sequence_length is not None and max_len > max_sequence_length:
         raise ValueError(f"prompt ({s} tokens) + {num_tokens} generated tokens exceed the model's "
                          f"max_position_embeddings ({max_sequence_length})")
-    mask = causal_mask(max_len, device=device)
     generator = torch.Generator().manual_seed(seed)
     ctx = StaticInferenceContext(1, max_len)
     _sync(device)
     t0 = time.perf_counter()
-    logits = prefill(model, ids, ctx, mask)
+    logits = prefill(model, ids, ctx, prefill_mask(model, s, device))
     _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     prefill_logits = logits[0].float()
     out: List[int] = []
     forwards = 0  # the first token comes from the prefill's logits
     t0 = time.perf_counter()
-    last = logits[:, -1]
+    last = logits[:, -1].float()  # already fp32 through Float16Module; a bare half model's are not
     ctx.sequence_len_offset = s
     ctx.enable_decode_mode()
+    visible = torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=device)  # a decode row
     for i in range(num_tokens):
         token = sample(last, temperature, top_k, top_p, generator)
         out.append(int(token[0]))
@@ -94,10 +111,10 @@ def generate(model, prompt_ids: List[int], num_tokens: int, temperature: float =
             break
         p = s + i
         logits = model(token[:, None], torch.full((1, 1), p, device=device),
-                       mask[..., p:p + 1, :p + 1], inference_context=ctx, runtime_gather_output=True)
+                       visible[..., :p + 1], inference_context=ctx, runtime_gather_output=True)
         forwards += 1
         ctx.sequence_len_offset += 1
-        last = logits[:, -1]
+        last = logits[:, -1].float()
     _sync(device)
     decode_ms = (time.perf_counter() - t0) * 1e3 / max(forwards, 1)
     return Generation(list(prompt_ids), out, prefill_ms, decode_ms, prefill_logits)
@@ -109,7 +126,7 @@ def time_prefill(model, prompt_ids: List[int], device=None, repeats: int = 1):
     device = device or next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
     s = ids.size(1)
-    mask = causal_mask(s, device=device)
+    mask = prefill_mask(model, s, device)
     out = {}
 
     def run():

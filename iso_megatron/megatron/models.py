@@ -39,14 +39,29 @@ def model_config(family: str = "llama", num_layers: int = 2, hidden_size: int = 
     return TransformerConfig(**{**common, **fam, **overrides})
 
 
+ATTENTIONS = ("local", "sdpa")
+
+
 def build_gpt(config: TransformerConfig, layer_spec=None, vocab_size: int = 256,
-              max_sequence_length: int = 4096, family: str = "llama", **kwargs) -> GPTModel:
-    """A GPTModel of `family` with megatron's own constructor (stock local spec by default)."""
+              max_sequence_length: int = 4096, family: str = "llama", attention: str = "local",
+              **kwargs) -> GPTModel:
+    """A GPTModel of `family` with megatron's own constructor (stock local spec by default).
+
+    `attention`: "local" keeps the spec's core attention (the local spec's DotProductAttention);
+    "sdpa" swaps in SDPAAttention (torch's fused kernels; same state dict). Other keyword
+    arguments go to GPTModel (e.g. rope_scaling=True, rope_scaling_factor=8.0).
+    """
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; choose one of {ATTENTIONS}")
     if layer_spec is None:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         layer_spec = get_gpt_layer_local_spec(
             normalization=config.normalization)
+    if attention == "sdpa":
+        from .attention import sdpa_layer_spec
+
+        layer_spec = sdpa_layer_spec(layer_spec)
     pos = "learned_absolute" if family == "gpt" else "rope"
     kwargs.setdefault("share_embeddings_and_output_weights", family == "gpt")
     return GPTModel(config, layer_spec, vocab_size=vocab_size,
