@@ -45,7 +45,7 @@ def _cuda_flash_takes(q, k, v, kwargs) -> bool:
     from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
     mask = kwargs.get("attn_mask")
-    if mask is not None and not isinstance(mask, torch.Tensor):  # CausalBias: flash handles it
+    if isinstance(mask, CausalBias):  # a tensor subclass, but no tensor for flash: it handles it
         mask = None
     return can_use_flash_attention(SDPAParams(q, k, v, mask, kwargs.get("dropout_p", 0.0),
                                               kwargs.get("is_causal", False), True))
@@ -54,6 +54,8 @@ def _cuda_flash_takes(q, k, v, kwargs) -> bool:
 def causal_attention(q, k, v, scale: float, dropout_p: float = 0.0):
     """Causal attention of sq queries that are the LAST sq of sk positions (bottom-right)."""
     sq, sk = q.size(2), k.size(2)
+    if not 0 < sq <= sk:
+        raise ValueError(f"causal_attention: need 0 < queries <= keys, got {sq} queries over {sk} keys")
     if sq == 1:  # the last position sees every key
         return grouped_sdpa(q, k, v, dropout_p=dropout_p, scale=scale)
     if sq == sk:
@@ -62,7 +64,6 @@ def causal_attention(q, k, v, scale: float, dropout_p: float = 0.0):
     if path == "cpu_flash_blocks":
         return causal_attention_by_blocks(q, k, v, scale, _cpu_flash_with_lse)
     if path == "cudnn_blocks":
-        k, v = _cudnn_kv(k, v, q.size(1))
         return causal_attention_by_blocks(q, k, v, scale, _cudnn_with_lse)
     return grouped_sdpa(q, k, v, attn_mask=causal_lower_right(sq, sk), dropout_p=dropout_p, scale=scale)
 
@@ -71,10 +72,12 @@ def chunk_path(q, k, dropout_p: float = 0.0) -> str:
     """How `causal_attention` runs sq < sk queries, each path a fused kernel without a mask:
       cpu_flash_blocks  CPU: its flash kernel computes every block under `causal_lower_right`,
                         but skips them under `is_causal`: past block + diagonal block, merged
-      cudnn_blocks      CUDA where torch's cuDNN attention takes both blocks (bf16/fp16): the
-                        kernel SDPA picks for a whole causal prompt there, and it has no
-                        bottom-right form (measured on an H200: scripts/attention_timing.py)
-      lower_right       torch's `causal_lower_right` (flash / memory-efficient kernels)
+      cudnn_blocks      CUDA where torch's cuDNN attention takes both blocks (bf16/fp16, K/V not
+                        grouped): the kernel SDPA picks for a whole causal prompt there, and it
+                        has no bottom-right form (`scripts/attention_timing.py --device cuda`)
+      lower_right       torch's `causal_lower_right` (flash / memory-efficient kernels); also
+                        for grouped K/V, which flash takes as they are (cuDNN would need them
+                        repeated to the query heads: a copy stock's prompt does not make)
     """
     if q.device.type == "cpu":
         if dropout_p:
@@ -95,8 +98,7 @@ def causal_attention_by_blocks(q, k, v, scale: float, attend=None):
     out_past, lse_past = attend(q, k[:, :, :past], v[:, :, :past], False, scale)
     out_diag, lse_diag = attend(q, k[:, :, past:], v[:, :, past:], True, scale)
     # softmax over both blocks = each block's softmax weighted by its share of the total mass,
-    # merged in fp32. (A bf16 in-place lerp saves 2-5% of a chunk's time on an H200 at 16-32k
-    # tokens but rounds the weight to bf16: up to ~1.6x the error; not taken.)
+    # merged in fp32 (a bf16 merge would round the weight to bf16)
     merge = torch.promote_types(q.dtype, torch.float32)
     w_past = torch.sigmoid(lse_past - lse_diag).unsqueeze(-1).to(merge)  # [b, np, sq, 1]
     return out_diag.to(merge).lerp_(out_past.to(merge), w_past).to(q.dtype)
@@ -119,16 +121,11 @@ def _cudnn_takes_blocks(q, k) -> bool:
         return False
     from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
 
+    if k.size(1) != q.size(1):
+        return False
     past = k.size(2) - q.size(2)
-    if k.size(1) != q.size(1):  # the kernel gets K/V repeated to the query heads (_cudnn_kv)
-        k = k[:, :1].expand(k.size(0), q.size(1), k.size(2), k.size(3))
     return all(can_use_cudnn_attention(SDPAParams(q, kk, kk, None, 0.0, causal, False))
                for kk, causal in ((k[:, :, :past], False), (k[:, :, past:], True)))
-
-
-def _cudnn_kv(k, v, heads: int):
-    """K/V with the query's head count (cuDNN is given no grouped heads): a copy of K/V's size."""
-    return (k, v) if k.size(1) == heads else repeat_kv(k, v, heads)
 
 
 class BottomRightCausal(CausalBias):

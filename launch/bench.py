@@ -230,6 +230,7 @@ class Bench:
         from megatron.core import parallel_state
 
         from iso_megatron import apply_cpu_shims
+        from iso_megatron.megatron.block import attention_kind
         from iso_megatron.megatron.models import build_gpt, model_config
         from iso_megatron.megatron.precision import float16_module
         from iso_megatron.planner import Environment
@@ -259,7 +260,9 @@ class Bench:
         self.shape = ModelShape.from_megatron_config(self.config)
         self.group = parallel_state.get_tensor_model_parallel_group()
         dev = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
-        self.env = Environment(dev, self.dtype, self.group)
+        # the attention the bench model runs, as the block's own auto plan measures it
+        self.env = Environment(dev, self.dtype, self.group,
+                               attention=attention_kind(list(self.gpt.decoder.layers)))
 
     def set_iso(self, iso):
         from iso_megatron import ISOConfig, apply_iso
@@ -398,7 +401,8 @@ class Bench:
         splits = _names(a.splits)
         configs = {"baseline": None, **{split: self.iso_config(split) for split in splits}}
 
-        # warm-up: every configuration; auto calibrates and plans here (collectively)
+        # warm-up: every configuration; auto calibrates and plans here (collectively), with the
+        # block's probe of the model's own layer; the prediction below reads that calibration
         bounds, plans, outs = {"baseline": None}, {}, {}
         for name, iso in configs.items():
             self.set_iso(iso)
@@ -407,7 +411,8 @@ class Bench:
                     outs[name] = fwd()
                 if iso is not None:
                     plans[name], bounds[name] = self.gpt.decoder.iso_plan, self.ran()
-                cal = calibrate(self.shape, self.env, s, b, self.tp)
+        with self.over(link):
+            cal = calibrate(self.shape, self.env, s, b, self.tp)
         # compute-only twins replay the exact boundaries (an auto plan is not re-planned)
         twins = {name: self.iso_config(None, bounds[name]) if bounds[name] else None for name in configs}
         times = {name: [] for name in configs}

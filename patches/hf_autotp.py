@@ -337,7 +337,10 @@ class ISOStack:
         cache = _cache_arg(kwargs)
         if cache is not None and not self._fresh_dynamic_cache(cache):
             return stock("cache is not a fresh DynamicCache (decode or another cache type)")
-        env = Environment(hidden.device, hidden.dtype, lin.mp_group)
+        # sdpa without a mask runs fused causal kernels (BottomRightCausal for later chunks);
+        # with a mask, and eager attention, compute the whole masked rectangle
+        env = Environment(hidden.device, hidden.dtype, lin.mp_group,
+                          attention="fused" if impl == "sdpa" and mask is None else "unfused")
         return plan_prefill(iso, self.shape, seq_len, hidden.size(0), comm.tp_size(lin.mp_group), env)
 
     def _sliding_window(self):
@@ -373,8 +376,8 @@ class ISOStack:
         reducer = comm.make_reducer(self.linears[0].mp_group)
         with deferred(self.linears):
             chunks = run_prefill(ops, len(self.layers), chunks, reducer)
-        # each chunk written into one output and dropped: never the chunks and a copy at once
-        out = torch.empty_like(hidden)
+        # one output, each chunk copied in and dropped (the layers' dtype, as torch.cat's)
+        out = chunks[0].new_empty(hidden.shape[:1] + (bounds[-1],) + tuple(chunks[0].shape[2:]))
         for c in range(len(chunks)):
             out[:, bounds[c]:bounds[c + 1]], chunks[c] = chunks[c], None
         return out, True

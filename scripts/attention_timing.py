@@ -4,8 +4,8 @@
     python3 scripts/attention_timing.py --device cuda --dtype bfloat16 --heads 32 --head-dim 128
 
 For each length: torch's unchunked causal SDPA (`is_causal=True`), then the prompt cut into K
-even chunks, each chunk's queries attending to keys [0, end) bottom-right causal as
-SDPAAttention runs it (iso_megatron/megatron/attention.py `causal_attention`; `chunk_path`
+even chunks (the planner's boundaries), each chunk's queries attending to keys [0, end)
+bottom-right causal as SDPAAttention runs it (iso_megatron/sdpa.py `causal_attention`; `chunk_path`
 names the kernel path: on CPU and with CUDA's cuDNN kernel, a past block without mask and a
 causal diagonal block merged by log-sum-exp) and, for comparison, torch's `causal_lower_right`
 mask. Times are medians (torch.utils.benchmark) over interleaved rounds, so that load from other
@@ -34,7 +34,10 @@ def median_s(fn, min_run_time: float) -> float:
 
 
 def chunk_bounds(seq: int, k: int):
-    return [seq * i // k for i in range(k + 1)]
+    """The even split ISO runs (iso_megatron.planner: boundaries on 64-token tiles)."""
+    from iso_megatron.planner import chunk_boundaries
+
+    return chunk_boundaries(seq, k, "even")
 
 
 def main(argv=None) -> int:

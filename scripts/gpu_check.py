@@ -70,8 +70,10 @@ SIZES = {
                        "--ffn-hidden-size", "14336", "--num-attention-heads", "32", "--group-query-attention",
                        "--num-query-groups", "8", "--timing-repeats", "3", "--timing-warmup", "1",
                        "--compute-reps", "2"],
-                budgets=dict(environment=40, exactness=60, host_syncs=25, poison_reducer=20, tp2_nccl=75,
-                             proxy_bench=100)),
+                # one GPU: every required check fits the 180 s global budget (25+50+20+15+70);
+                # with 2+ GPUs tp2_nccl is required and the (then optional) bench gets what is left
+                budgets=dict(environment=25, exactness=50, host_syncs=20, poison_reducer=15, tp2_nccl=60,
+                             proxy_bench=70)),
     "cpu": dict(model=dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4,
                            ffn_hidden_size=160), vocab=256, lengths=(40, 96), ks=(2, 3), steps=2,
                 sync_len=96, poison_len=96, tp2_lengths=(64,), tp2_ks=(3,),
@@ -343,28 +345,14 @@ def init_world(device: str, tp: int):
 
 
 def attention_backends():
-    """{name: None if usable, else why not}: megatron-core's local DotProductAttention always;
-    SDPA where iso_megatron/megatron/attention.py and build_gpt(attention=...) exist."""
-    import inspect
-
-    from iso_megatron.megatron.models import build_gpt
-
-    out = {"local": None}
-    try:
-        from iso_megatron.megatron.attention import SDPAAttention  # noqa: F401
-    except ImportError as e:
-        out["sdpa"] = f"not importable: {e}"
-        return out
-    if "attention" not in inspect.signature(build_gpt).parameters:
-        out["sdpa"] = "build_gpt has no attention= parameter"
-    else:
-        out["sdpa"] = None
-    return out
+    """{name: None if usable, else why not}: megatron-core's local DotProductAttention and
+    iso_megatron's SDPAAttention (models.build_gpt(attention="sdpa")), both always present."""
+    return {"local": None, "sdpa": None}
 
 
 def build_model(family, dtype, backend, size, device, max_len):
     """(model, how its precision was set): megatron's constructor (models.build_gpt), bf16 as
-    Megatron-LM's --bf16 (precision.float16_module) where that module exists."""
+    Megatron-LM's --bf16 (precision.float16_module)."""
     import torch
 
     from iso_megatron.megatron.models import build_gpt, model_config
@@ -381,12 +369,9 @@ def build_model(family, dtype, backend, size, device, max_len):
         model = model.cuda()
     how = "fp32"
     if dtype != torch.float32:
-        try:
-            from iso_megatron.megatron.precision import float16_module
-        except ImportError:
-            model, how = model.to(dtype), "module cast (precision.float16_module not present)"
-        else:
-            model, how = float16_module(model, config), "precision.float16_module"
+        from iso_megatron.megatron.precision import float16_module
+
+        model, how = float16_module(model, config), "precision.float16_module"
     return model.eval(), how
 
 
@@ -587,10 +572,41 @@ def check_environment(ctx, deadline, figures):
     return True, None
 
 
+def chunk_attention_cases(device):
+    """iso_megatron.sdpa.causal_attention for a later chunk (bottom-right causal) on every path
+    this device takes (CUDA bf16: cuDNN blocks merged by their log-sum-exps, whose units and
+    layout only a GPU can confirm; fp32 / grouped K/V: causal_lower_right) against fp32 SDPA
+    with an explicit mask: (path, dtype, heads/groups, rel err, tolerance, ok) per case."""
+    import torch
+    import torch.nn.functional as F
+
+    from iso_megatron.sdpa import causal_attention, chunk_path
+    from tests.ranks import rel_err
+
+    out = []
+    g = torch.Generator().manual_seed(11)
+    sq, sk, hn = 300, 1000, 64
+    allowed = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq).to(device)  # True = attend
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2 ** -7)):
+        for heads, groups in ((8, 8), (8, 2)):
+            q = torch.randn(1, heads, sq, hn, generator=g).to(device, dtype)
+            k, v = (torch.randn(1, groups, sk, hn, generator=g).to(device, dtype) for _ in range(2))
+            rep = heads // groups
+            want = F.scaled_dot_product_attention(
+                q.float(), k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1),
+                attn_mask=allowed)
+            got = causal_attention(q, k, v, hn ** -0.5)
+            err = rel_err(got.float(), want)
+            out.append(dict(path=chunk_path(q, k), dtype=str(dtype).replace("torch.", ""),
+                            heads=heads, groups=groups, err=err, tol=tol, ok=bool(err <= tol)))
+    return out
+
+
 def check_exactness(ctx, deadline, figures):
     import torch
 
     size = ctx.size
+    figures["chunk_attention"] = units = chunk_attention_cases(ctx.device)
     cases = []
     try:
         exactness_grid(cases, ctx.device, size, (torch.float32, torch.bfloat16), ctx.backends, size["lengths"],
@@ -598,7 +614,12 @@ def check_exactness(ctx, deadline, figures):
     except OutOfTime as e:
         summarize_cases(cases, figures)
         return False, str(e)
-    return summarize_cases(cases, figures)
+    ok, why = summarize_cases(cases, figures)
+    bad = [u for u in units if not u["ok"]]
+    if bad:
+        return False, "; ".join(f"chunk attention {u['path']} {u['dtype']} {u['heads']}/{u['groups']}: "
+                                f"err {u['err']:.2e} > {u['tol']:.0e}" for u in bad) + (f"; {why}" if why else "")
+    return ok, why
 
 
 SYNC_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "_unique2", "unique_consecutive",

@@ -1,10 +1,11 @@
 """Peak memory of one prefill, stock vs ISO, on CPU (issue 10: long prompts in bounded memory).
 
 Each (attention, length, mode) runs in its own fresh process: build a small Llama-style model,
-record the resident set size, run one prefill (the launcher's: StaticInferenceContext, logits of
-every position), and report the growth of the peak RSS (`ru_maxrss`, the kernel's high-water
-mark) over the RSS just before the prefill. That is what the prefill added at its worst moment:
-activations, scores, masks, KV cache, logits. ISO runs on one process with the TP stand-in
+reset the kernel's peak-RSS mark (`echo 5 > /proc/self/clear_refs`), record the resident set
+size, run one prefill (the launcher's: StaticInferenceContext, logits of every position), and
+report the growth of the peak RSS (`VmHWM` of /proc/self/status) over the RSS just before the
+prefill. That is what the prefill added at its worst moment: activations, scores, masks, KV
+cache, logits (torch's CPU allocator returns large blocks to the system, so RSS follows them). ISO runs on one process with the TP stand-in
 (`comm.stand_in_tp(2)`, all-reduces over a one-rank gloo group), so the chunked schedule is
 what is measured.
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -29,6 +29,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def reset_peak_rss() -> None:
+    """The peak mark restarts from the current RSS (Linux >= 4.0), so what an earlier phase
+    (model build, imports) peaked at hides nothing of the prefill's growth."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def one_run(attention: str, seq_len: int, iso: bool, chunks: int) -> dict:
@@ -63,10 +75,11 @@ def one_run(attention: str, seq_len: int, iso: bool, chunks: int) -> dict:
         mask = causal_mask(seq_len) if attention == "local" else None
         ctx = StaticInferenceContext(1, seq_len)
         compat.full_prefill_logits(ctx)
+        reset_peak_rss()
         before = rss_mib()
         with torch.inference_mode(), stand_in_tp(2):
             logits = model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mib()
         bounds = getattr(model.decoder, "iso_plan", None) and model.decoder.iso_plan.bounds
         assert (bounds is not None) == iso, bounds  # measured what was asked
         return dict(attention=attention, seq_len=seq_len, iso=iso,

@@ -98,6 +98,11 @@ def test_dry_run_executes_every_check_and_never_passes(dry_run):
         assert fig["float32_tokens_compared"] > 0 and fig["bfloat16_tokens_compared"] > 0
     assert {c["k"] for c in checks["exactness"]["figures"]["all_cases"]} == {2, 3}
     assert any(len(c["bounds"]) == 4 for c in checks["exactness"]["figures"]["all_cases"])  # K 3 ran
+    units = checks["exactness"]["figures"]["chunk_attention"]  # later-chunk attention vs a mask
+    assert {(u["dtype"], u["groups"]) for u in units} == {(d, g) for d in ("float32", "bfloat16")
+                                                          for g in (2, 8)}
+    assert all(u["ok"] and u["path"] == "cpu_flash_blocks" for u in units), units
+    assert {"local", "sdpa"} <= set(checks["exactness"]["figures"]["attention_backends"])
     assert checks["tp2_nccl"]["figures"]["backend"] == "gloo"  # real TP 2 ranks (CPU)
 
     syncs = checks["host_syncs"]["figures"]

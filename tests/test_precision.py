@@ -18,6 +18,7 @@ half precision (an fp32 model is ~1e-7 from the reference).
 from __future__ import annotations
 
 import json
+import os
 from contextlib import nullcontext
 
 import pytest
@@ -30,7 +31,10 @@ HALF_FACTOR = 2.0
 HALF_FLOOR = 1 / 16  # of torch.finfo(dtype).eps: bf16 4.9e-4, fp16 6.1e-5 (measured e: 4e-3, 6e-4)
 PROMPT_LEN = 131  # odd: the ISO chunks are unequal
 DECODE_STEPS = 6
-CKPT_FAMILY, CKPT_FORMAT, CKPT_TP = "gpt", "torch_dist", 2  # learned positions + LayerNorm + biases
+# the bf16 checkpoint matrix: torch_dist saved at TP 2 in fp32, both families, loaded with
+# --bf16 at TP 2 and resharded to TP 1 (gpt: learned positions + LayerNorm + biases)
+CKPT_FAMILIES, CKPT_FORMAT, CKPT_TP = ("gpt", "llama"), "torch_dist", 2
+CKPT_MATRIX = [(family, load_tp) for family in CKPT_FAMILIES for load_tp in (2, 1)]
 
 
 def margin_ok(stock_logits, bound_abs):
@@ -162,7 +166,7 @@ def _greedy_reference(model, prompt, steps):
     return dict(logits=first, tokens=tokens, step_logits=torch.stack(steps_logits))
 
 
-def checkpoint_case(directory):
+def checkpoint_case(family, directory):
     """An fp32 checkpoint saved the way Megatron-LM saves it, and two references for loading it
     in bf16: fp32 itself and stock megatron-core in bf16 (Megatron-LM's get_model: params_dtype
     bf16, then megatron-core's Float16Module, used here directly)."""
@@ -170,9 +174,9 @@ def checkpoint_case(directory):
 
     from tests.ckpt_fixtures import PROMPT, STEPS, build_stock, forward, make_checkpoint
 
-    ref32 = make_checkpoint(CKPT_FORMAT, CKPT_FAMILY, CKPT_TP, directory)
-    fp32 = build_stock(CKPT_FAMILY)  # the same seed: the model just saved
-    half = build_stock(CKPT_FAMILY, params_dtype=torch.bfloat16)
+    ref32 = make_checkpoint(CKPT_FORMAT, family, CKPT_TP, directory)
+    fp32 = build_stock(family)  # the same seed: the model just saved
+    half = build_stock(family, params_dtype=torch.bfloat16)
     half.load_state_dict(fp32.state_dict())
     with torch.no_grad():
         ref16 = _greedy_reference(Float16Module(half.config, half).eval(), PROMPT, STEPS)
@@ -219,7 +223,9 @@ def precision_group(ckpt_dir):
         for family in ("gpt", "llama"):
             recs.append(half_case(family, tp, torch.bfloat16))
     recs.append(half_case("llama", 2, torch.float16))
-    return dict(cases=recs, checkpoint=checkpoint_case(ckpt_dir), bench=bench_case())
+    return dict(cases=recs, bench=bench_case(),
+                checkpoints={family: checkpoint_case(family, os.path.join(ckpt_dir, family))
+                             for family in CKPT_FAMILIES})
 
 
 # ---------------------------------------------------------------- test side
@@ -312,14 +318,16 @@ def test_launcher_bf16_learned_positions_stock(tmp_path):
 
 
 @pytest.mark.multiprocess
-def test_launcher_loads_an_fp32_checkpoint_in_bf16(group, tmp_path):
+@pytest.mark.parametrize("family,load_tp", CKPT_MATRIX, ids=[f"{f}-tp{CKPT_TP}to{t}" for f, t in CKPT_MATRIX])
+def test_launcher_loads_an_fp32_checkpoint_in_bf16(group, tmp_path, family, load_tp):
     from tests.ckpt_fixtures import PROMPT, STEPS
 
-    ref = group["checkpoint"]
+    ref = group["checkpoints"][family]
     assert ref["rebuilt_is_saved"]  # the bf16 reference holds the weights that were saved
     out_json, out_logits = tmp_path / "out.json", tmp_path / "logits.pt"
-    rc, log = run_torchrun(CKPT_TP, [
-        "launch/infer.py", "--load", group["ckpt_dir"], "--use-checkpoint-args", "--bf16",
+    rc, log = run_torchrun(load_tp, [
+        "launch/infer.py", "--load", os.path.join(group["ckpt_dir"], family), "--use-checkpoint-args",
+        "--bf16",
         "--prompt-token-ids", ",".join(map(str, PROMPT[0].tolist())),
         "--num-tokens-to-generate", str(STEPS), "--iso-min-tokens", "0", "--compare-baseline",
         "--timing-repeats", "1", "--output-json", str(out_json), "--save-logits", str(out_logits)],
@@ -327,7 +335,7 @@ def test_launcher_loads_an_fp32_checkpoint_in_bf16(group, tmp_path):
     assert rc == 0, log[-4000:]
     rec = json.loads(out_json.read_text())
     assert rec["precision"] == "bf16"  # --bf16 wins over the checkpoint's stored bf16=False
-    assert rec["iso_chunk_bounds"] is not None
+    assert (rec["iso_chunk_bounds"] is not None) == (load_tp > 1)  # ISO ran wherever it can
     e_half = rel_err(ref["ref16"], ref["ref32"])
     assert e_half >= HALF_FLOOR * torch.finfo(torch.bfloat16).eps
     iso = torch.load(out_logits)[0]

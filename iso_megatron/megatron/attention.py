@@ -12,11 +12,11 @@ What runs, for query [sq, b, np, hn] and key/value [sk, b, ng, hn]:
   ISO chunk       `chunk_causal` (set by the ISO block): the queries are the LAST sq of the sk
                   positions, causal aligned bottom-right, run as a past block (keys [0, sk - sq),
                   no mask) and a diagonal block (`is_causal`) merged by their log-sum-exps in
-                  fp32, on the CPU flash kernel or CUDA's cuDNN attention: the kernels that run
-                  a whole causal prompt, neither of which skips blocks in a bottom-right form;
-                  elsewhere (fp32 on CUDA) torch's `causal_lower_right` on flash /
-                  memory-efficient kernels (`chunk_path`). The chunks then cost what the
-                  unchunked causal kernel costs (scripts/attention_timing.py).
+                  fp32, on the CPU flash kernel or CUDA's cuDNN attention (K/V not grouped):
+                  the kernels that run a whole causal prompt, neither of which skips blocks in
+                  a bottom-right form; elsewhere (fp32 or grouped K/V on CUDA) torch's
+                  `causal_lower_right` on flash / memory-efficient kernels (iso_megatron/sdpa.py
+                  `chunk_path`; chunk vs whole-prompt times: scripts/attention_timing.py).
   any other mask  SDPA with a boolean mask (correct, not fused: the mask is materialised).
 Masks follow Megatron's convention, True = masked. A mask given with the causal form (chunk
 or full prompt) means "causal AND not masked" and takes the masked path: a mask's values are
@@ -27,6 +27,8 @@ them: the mean of all values.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from megatron.core import tensor_parallel
@@ -118,8 +120,6 @@ class SDPAAttention(ChunkAttentionMixin, DotProductAttention):
         """As DotProductAttention: dropout under the model-parallel RNG tracker."""
         if dropout_p and not self.config.sequence_parallel:
             return tensor_parallel.get_cuda_rng_tracker().fork()
-        from contextlib import nullcontext
-
         return nullcontext()
 
 

@@ -258,8 +258,9 @@ def _tp_group(layers):
 
 def _prefill(layers, hidden_states, bounds, args, final=None):
     """The ISO prefill of `layers` over `hidden_states` [s, b, h]: the output [s, b, h], each
-    chunk written into it in place (after `final`, e.g. the final layernorm) as it is dropped,
-    so the prefill never holds the chunks and a concatenated copy at once."""
+    chunk copied into it (after `final`, e.g. the final layernorm) and dropped, so at most one
+    chunk's `final` output exists beside the chunks and the output (stock: the whole
+    sequence's final-layernorm output beside its input)."""
     chunks = [hidden_states[bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
     ops = MegatronChunkOps(layers, bounds, args, hidden_states.size(1), hidden_states.device)
     reducer = comm.make_reducer(_tp_group(layers))

@@ -91,7 +91,8 @@ def generate(model, prompt_ids: List[int], num_tokens: int, temperature: float =
     ctx = StaticInferenceContext(1, max_len)
     _sync(device)
     t0 = time.perf_counter()
-    logits = prefill(model, ids, ctx, prefill_mask(model, s, device))
+    mask = prefill_mask(model, s, device)
+    logits = prefill(model, ids, ctx, mask)
     _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     prefill_logits = logits[0].float()
@@ -101,7 +102,9 @@ def generate(model, prompt_ids: List[int], num_tokens: int, temperature: float =
     last = logits[:, -1].float()  # already fp32 through Float16Module; a bare half model's are not
     ctx.sequence_len_offset = s
     ctx.enable_decode_mode()
-    visible = torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=device)  # a decode row
+    # a decode row sees every key: no mask where the attention needs none (it would take a
+    # masked, unfused path), else an all-visible row (no [P, P] mask kept for decode)
+    visible = None if mask is None else torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=device)
     for i in range(num_tokens):
         token = sample(last, temperature, top_k, top_p, generator)
         out.append(int(token[0]))
@@ -111,7 +114,8 @@ def generate(model, prompt_ids: List[int], num_tokens: int, temperature: float =
             break
         p = s + i
         logits = model(token[:, None], torch.full((1, 1), p, device=device),
-                       visible[..., :p + 1], inference_context=ctx, runtime_gather_output=True)
+                       None if visible is None else visible[..., :p + 1],
+                       inference_context=ctx, runtime_gather_output=True)
         forwards += 1
         ctx.sequence_len_offset += 1
         last = logits[:, -1].float()
