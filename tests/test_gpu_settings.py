@@ -69,6 +69,25 @@ def flash_decode_cases(tp: int):
     step = torch.zeros(1, 1, iso.config.hidden_size)
     out["decode_reason"] = plan_forward(ISOConfig(min_tokens=0), iso.config, False, step,
                                         {"inference_context": ctx}, None).reason
+    # decode itself is untouched: at a decode step (offset > 0, one token, no ISO chunk) the
+    # subclass's method returns exactly what megatron's SelfAttention method returns
+    import copy
+
+    from megatron.core.transformer.attention import SelfAttention
+
+    attn = iso.decoder.layers[0].self_attention
+    cos, sin = iso.rotary_pos_emb.get_cos_sin(SEQ + 4)
+    heads, groups = attn.num_attention_heads_per_partition, attn.num_query_groups_per_partition
+    hn = attn.hidden_size_per_attention_head
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 1, heads, hn, generator=g)
+    k, v = (torch.randn(1, 1, groups, hn, generator=g) for _ in range(2))
+    sub = attn._adjust_key_value_for_inference(copy.deepcopy(ctx), q, k, v, None, cos, sin)
+    base = SelfAttention._adjust_key_value_for_inference(attn, copy.deepcopy(ctx), q, k, v, None, cos, sin)
+    out["decode_step_same"] = all(
+        (a is None and b is None) or (torch.is_tensor(a) and torch.equal(a, b)) or a == b
+        for a, b in zip(sub, base))
+    out["decode_step_isosubclass"] = type(attn).__name__
     # control: without ISOSelfAttention's chunk RoPE the later chunks get the wrong positions
     real = ISOSelfAttention.chunk_causal
     ISOSelfAttention.chunk_causal = property(lambda self: False, lambda self, v: None)
@@ -97,6 +116,8 @@ def test_flash_decode_prefill_runs_iso_and_equals_stock(cases):
 def test_flash_decode_leaves_decode_to_megatron(cases):
     for rank in cases:
         assert "decode" in rank["decode_reason"], rank
+        assert rank["decode_step_isosubclass"] == "ISOSelfAttention"
+        assert rank["decode_step_same"], rank  # the decode branch is megatron's, bit for bit
 
 
 def test_flash_decode_check_catches_wrong_chunk_positions(cases):
