@@ -63,6 +63,14 @@ def flash_decode_cases(tp: int):
     out["kv_err"] = max(rel_err(g, w) for n in want_kv for g, w in zip(got_kv[n], want_kv[n]))
     # the flag really changed the cache: flash_decode stores rotated keys, the plain path does not
     out["keys_differ_from_plain"] = rel_err(want_kv[1][0], plain_kv[1][0])
+    # a forward without an inference context: megatron's attention would read ISO's private
+    # cache as flash-decode's (RoPE in cos/sin form, which the model did not compute): stock runs
+    with torch.no_grad():
+        from iso_megatron import causal_mask
+
+        pos = torch.arange(SEQ)[None]
+        out["no_ctx_err"] = rel_err(iso(ids, pos, causal_mask(SEQ)), stock(ids, pos, causal_mask(SEQ)))
+        out["no_ctx_reason"] = iso.decoder.iso_plan.reason
     # decode is left to flash_decode: a one-token step at offset > 0 plans the stock path
     ctx.sequence_len_offset = SEQ
     ctx.enable_decode_mode()
@@ -111,6 +119,12 @@ def test_flash_decode_prefill_runs_iso_and_equals_stock(cases):
         assert rank["logits_err"] <= FP32_REL_TOL, rank
         assert rank["kv_err"] <= FP32_REL_TOL, rank
         assert rank["keys_differ_from_plain"] > 1e-2, rank  # flash_decode's cache layout
+
+
+def test_flash_decode_without_a_kv_cache_steps_aside(cases):
+    for rank in cases:
+        assert rank["no_ctx_reason"] == "flash_decode without an inference context", rank
+        assert rank["no_ctx_err"] == 0.0, rank
 
 
 def test_flash_decode_leaves_decode_to_megatron(cases):

@@ -105,6 +105,11 @@ def plan_forward(iso: Optional[ISOConfig], config, training: bool, hidden_states
         return stock(f"forward argument {unsupported[0]} is not supported by ISO")
     if getattr(config, "fp8", None) or getattr(config, "fp4", None):
         return stock("fp8/fp4")
+    if getattr(config, "flash_decode", False) and ctx is None:
+        # megatron turns RoPE into flash-decode's cos/sin form in any attention given a KV
+        # cache, but the model computed the stock form for a forward without one; ISO's chunks
+        # would need a private cache, so they would lose RoPE
+        return stock("flash_decode without an inference context")
     if getattr(config, "fused_single_qkv_rope", False):
         # megatron fuses QKV+RoPE only for forwards without an inference context (and asserts
         # with one), while ISO's chunks attend through a KV cache; flash_decode is handled
