@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 from . import comm
 from . import costmodel as cm
+from .cli import time_ms
 from .planner import ATTENTION_KINDS, Environment, PrefillPlan, chunk_boundaries, stock
 from .shape import ModelShape, TokenCost
 
@@ -163,24 +164,6 @@ def _fastest_s(fn: Callable[[], object], device: torch.device, reps: int, warmup
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    return max(min(times), 1e-9)
-
-
-def _host_timed_s(fn, device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Like `_fastest_s`, read on the host clock around synchronisations: for the link, whose
-    transfer may run off the current stream (NCCL's, the proxy's) or on the host (gloo)."""
-    sync = _sync_of(device)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if sync is not None:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync is not None:
-            sync()
-        times.append(time.perf_counter() - t0)
     return max(min(times), 1e-9)
 
 
@@ -328,7 +311,9 @@ def _probe_link(reducer, tensors, device, failed: bool) -> Tuple[bool, float, fl
     reducer.start(small).wait()
     if small.view(-1)[0].item() > 0:
         return True, 0.0, 0.0
-    times = [_host_timed_s(lambda t=t: reducer.start(t).wait(), device, reps=2, warmup=w)
+    # host clock around synchronisations: the transfer may run off the current stream (NCCL's,
+    # the proxy's) or on the host (gloo)
+    times = [max(min(time_ms(lambda t=t: reducer.start(t).wait(), 2, w, _sync_of(device))) / 1e3, 1e-9)
              for t, w in ((small, 0), (large, 1))]
     b1, b2 = (t.numel() * t.element_size() for t in tensors)
     per_byte = max((times[1] - times[0]) / (b2 - b1), 1e-15)

@@ -9,7 +9,7 @@ warnings.filterwarnings("ignore")
 
 import torch
 
-from tests.ranks import AllReduceSpy, rel_err, setup_megatron
+from tests.ranks import AllReduceSpy, rel_err, setup_megatron, value_errors
 
 
 setup = setup_megatron
@@ -192,13 +192,7 @@ def bad_inputs(tp: int):
         "split_name": lambda: ISOConfig(split="uneven"),
         "apply_iso_target": lambda: apply_iso(torch.nn.Linear(2, 2)),
     }
-    messages = {}
-    for name, make in cases.items():
-        try:
-            make()
-            messages[name] = None
-        except ValueError as e:
-            messages[name] = str(e)
+    messages = value_errors(cases)
     # every rank is alive and in step after all of that
     alive = torch.ones(1)
     dist.all_reduce(alive)

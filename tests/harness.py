@@ -183,7 +183,17 @@ def _run_torchrun(nproc, argv, timeout, env):
     port = _free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
            "--master-addr", "127.0.0.1", "--master-port", str(port)] + list(argv)
-    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    try:
+        return run_process(cmd, timeout, {"PYTHONUNBUFFERED": "1", **(env or {})}, what=f"torchrun {argv}")
+    finally:
+        _remove_deepspeed_shm(port)
+
+
+def run_process(cmd, timeout: float, env=None, what=None):
+    """(returncode, combined output) of `cmd` run from the repo root in its own process group;
+    on timeout RankFailure, and whatever it left is killed either way: its group and every
+    descendant's (torchrun's workers run in sessions of their own)."""
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline, seen = time.monotonic() + timeout, {}
@@ -198,10 +208,9 @@ def _run_torchrun(nproc, argv, timeout, env):
                     _kill([proc])
                     _kill_descendants(seen)
                     out, _ = proc.communicate()
-                    raise RankFailure(f"torchrun {argv} timed out after {timeout}s\n"
+                    raise RankFailure(f"{what or ' '.join(map(str, cmd))} timed out after {timeout}s\n"
                                       f"{out.decode(errors='replace')[-4000:]}")
     finally:
-        _kill([proc])  # whatever the run left in its process group, and its workers' groups
+        _kill([proc])
         _kill_descendants(seen)
-        _remove_deepspeed_shm(port)
     return proc.returncode, out.decode(errors="replace")

@@ -17,6 +17,18 @@ def rel_err(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def value_errors(cases) -> dict:
+    """{name: the ValueError message `make()` raised, or None} for {name: make}."""
+    messages = {}
+    for name, make in cases.items():
+        try:
+            make()
+            messages[name] = None
+        except ValueError as e:
+            messages[name] = str(e)
+    return messages
+
+
 def setup_megatron(tp: int, seed: int = 1234) -> None:
     """CPU shims, a fresh Megatron parallel state at tensor-parallel size `tp`, the seed."""
     from megatron.core import parallel_state

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.harness import run_ranks
-from tests.ranks import FP32_REL_TOL, rel_err
+from tests.ranks import FP32_REL_TOL, rel_err, value_errors
 
 TP = 2
 SEQ = 67  # odd: uneven chunks
@@ -183,14 +183,7 @@ def bad_uses(tp: int):
         "spec_without_dot_product_attention": lambda: sdpa_layer_spec(no_attention),
         "build_gpt_attention": lambda: build_gpt(cfg, attention="flash"),
     }
-    messages = {}
-    for name, make in cases.items():
-        try:
-            make()
-            messages[name] = None
-        except ValueError as e:
-            messages[name] = str(e)
-    return messages
+    return value_errors(cases)
 
 
 def _models(family: str, config_overrides=None, **gpt_kwargs):

@@ -11,14 +11,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
 import zipfile
 
 import pytest
 
-from tests.harness import ROOT
+from tests.harness import ROOT, run_process
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 DRY_RUN_EXIT = 3
@@ -45,21 +44,13 @@ def _wheel(folder, name, tag="py3-none-any"):
 
 
 def _run(out, *args):
-    """(exit status, summary, output) of gpu_check.sh; its whole process group is killed on timeout."""
-    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(["bash", SCRIPT, "--out", str(out), *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"gpu_check.sh {args} timed out after {TIMEOUT_S}s:\n{output.decode(errors='replace')[-4000:]}")
-    output = output.decode(errors="replace")
+    """(exit status, summary, output) of gpu_check.sh; it and all it started are killed on timeout."""
+    rc, output = run_process(["bash", SCRIPT, "--out", str(out), *args], TIMEOUT_S,
+                             {"PYTHON": sys.executable}, what=f"gpu_check.sh {args}")
     path = os.path.join(out, "gpu_check.json")
     assert os.path.exists(path), output[-4000:]
     with open(path) as f:
-        return proc.returncode, json.load(f), output
+        return rc, json.load(f), output
 
 
 @pytest.fixture(scope="module")

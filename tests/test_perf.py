@@ -4,8 +4,6 @@ real speed: times are only checked against the links' modelled holds, read off t
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 
@@ -14,7 +12,7 @@ import torch
 
 from iso_megatron import costmodel as cm
 from iso_megatron.emulated import LinkModel
-from tests.harness import ROOT, run_ranks
+from tests.harness import run_process, run_ranks
 from tests.ranks import FP32_REL_TOL
 
 SLACK = 0.25  # s: upper tolerance of a hold on a busy 2-core machine
@@ -218,16 +216,8 @@ def test_backends_leave_nothing_behind(proxy):
 # ---------------------------------------------------------------- the benchmark, end to end
 
 def _run(cmd, timeout):
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out.decode(errors='replace')[-3000:]}")
-    text = out.decode(errors="replace")
-    assert proc.returncode == 0, text[-4000:]
+    rc, text = run_process(cmd, timeout)
+    assert rc == 0, text[-4000:]
     return text
 
 
