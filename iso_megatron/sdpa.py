@@ -58,6 +58,8 @@ def causal_attention(q, k, v, scale: float, dropout_p: float = 0.0):
         raise ValueError(f"causal_attention: need 0 < queries <= keys, got {sq} queries over {sk} keys")
     if sq == 1:  # the last position sees every key
         return grouped_sdpa(q, k, v, dropout_p=dropout_p, scale=scale)
+    if q.device.type == "cpu" and not dropout_p and _CPU_SLICE < sq < _CPU_WIDE_Q_BLOCKS:
+        return _cpu_causal_by_slices(q, k, v, scale)
     if sq == sk:
         return grouped_sdpa(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
     path = chunk_path(q, k, dropout_p)
@@ -68,10 +70,37 @@ def causal_attention(q, k, v, scale: float, dropout_p: float = 0.0):
     return grouped_sdpa(q, k, v, attn_mask=causal_lower_right(sq, sk), dropout_p=dropout_p, scale=scale)
 
 
+# torch's CPU flash kernel (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp) takes 256-query
+# blocks from 768 queries on and 64 below, against 512-key blocks: a causal square of 257-767
+# queries is computed almost whole (a 512 one entirely), twice its causal half. In slices of 256
+# queries only each slice's 256 x 256 diagonal is: 2048 tokens in K = 4 chunks of 512 go from
+# 1.06-1.08x the unchunked kernel to 1.02 (docs/gpu_readiness.md). From 768 on the kernel skips
+# well itself and slices only add calls.
+_CPU_WIDE_Q_BLOCKS = 768
+_CPU_SLICE = 256
+
+
+def _cpu_causal_by_slices(q, k, v, scale: float):
+    """Bottom-right causal attention on CPU, the queries in slices of `_CPU_SLICE`, each slice
+    the last queries of the keys up to its end (its own past block + diagonal block)."""
+    sq, sk = q.size(2), k.size(2)
+    out = torch.empty_like(q)
+    for start in range(0, sq, _CPU_SLICE):
+        stop = min(sq, start + _CPU_SLICE)
+        end = sk - sq + stop
+        qs, ks, vs = q[:, :, start:stop], k[:, :, :end], v[:, :, :end]
+        if end == stop - start:
+            out[:, :, start:stop] = _cpu_flash_with_lse(qs, ks, vs, True, scale)[0]
+        else:
+            out[:, :, start:stop] = causal_attention_by_blocks(qs, ks, vs, scale, _cpu_flash_with_lse)
+    return out
+
+
 def chunk_path(q, k, dropout_p: float = 0.0) -> str:
     """How `causal_attention` runs sq < sk queries, each path a fused kernel without a mask:
       cpu_flash_blocks  CPU: its flash kernel computes every block under `causal_lower_right`,
                         but skips them under `is_causal`: past block + diagonal block, merged
+                        (257-767 queries: in slices of 256, each its past + diagonal block)
       cudnn_blocks      CUDA where torch's cuDNN attention takes both blocks (bf16/fp16, K/V not
                         grouped): the kernel SDPA picks for a whole causal prompt there, and it
                         has no bottom-right form (`scripts/attention_timing.py --device cuda`)

@@ -472,9 +472,15 @@ def _explicit_lower_right(sq, sk):
     return torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)  # True = attend (SDPA's convention)
 
 
-@pytest.mark.parametrize("sq,sk", [(1, 9), (5, 5), (31, 100), (64, 192)])
+# (unmasked, causal) flash calls: one query sees every key: one unmasked call; a square block:
+# one causal call; otherwise an unmasked past block and a causal diagonal block; 257-767 queries
+# in slices of 256 (the CPU kernel's block sizes, iso_megatron/sdpa.py), 768 on in one piece
+@pytest.mark.parametrize("sq,sk,calls", [(1, 9, (1, 0)), (5, 5, (0, 1)), (31, 100, (1, 1)),
+                                         (64, 192, (1, 1)), (256, 256, (0, 1)),
+                                         (300, 300, (1, 2)), (300, 1000, (2, 2)),
+                                         (700, 900, (3, 3)), (768, 1000, (1, 1))])
 @pytest.mark.parametrize("groups", [8, 2])
-def test_causal_attention_by_blocks_matches_torch_with_a_mask(sq, sk, groups):
+def test_causal_attention_by_blocks_matches_torch_with_a_mask(sq, sk, calls, groups):
     from iso_megatron.sdpa import causal_attention, causal_attention_by_blocks
 
     g = torch.Generator().manual_seed(sq * sk)
@@ -485,9 +491,6 @@ def test_causal_attention_by_blocks_matches_torch_with_a_mask(sq, sk, groups):
                                           attn_mask=_explicit_lower_right(sq, sk), scale=0.2)
     with OpLog() as log:
         assert rel_err(causal_attention(q, k, v, 0.2), want) <= FP32_REL_TOL
-    # one query sees every key: one unmasked call; a square block: one causal call;
-    # otherwise an unmasked past block and a causal diagonal block
-    calls = (1, 0) if sq == 1 else (0, 1) if sq == sk else (1, 1)
     assert (len(log.flash(causal=False)), len(log.flash(causal=True))) == calls, log.ops
     assert not log.names() & {"_softmax", "bmm", "baddbmm", "tril", "triu"}, log.names()
     if sq < sk:
