@@ -6,20 +6,26 @@ Per layer and per tensor-parallel rank, a chunk of tokens [start, end) costs
   AR   = ring all-reduce of the chunk's partial sum, (end-start)*batch*hidden*dtype_bytes bytes,
          latency + bytes * 2(n-1)/n / bus_bw  (NCCL-tests' "busbw" convention; n = 1: no AR)
 Each GEMM is a roofline, max(flops / matmul rate, bytes / memory bandwidth), with its weights read
-once per chunk: this is why tiny chunks cost more than they hide. Norms, activations and the
-embedding / output layer are left out (they are the same with and without ISO).
+once per chunk: this is why tiny chunks cost more than they hide. Each compute step (one part of
+one chunk) also pays the device's `step_overhead_s` and `token_s` per token (norms, RoPE,
+elementwise and per-op work the rooflines leave out; 0 for the datasheet GPU profiles). The
+embedding / output layer is left out (the same with and without ISO).
 
 Boundaries come from `planner.chunk_boundaries` (rounded to 64-token tiles where the prompt is
 long enough), so a prediction is of the chunks that run.
 
-`simulate` runs `schedule.prefill_schedule` on two resources, the compute stream and the link,
-and assumes compute and communication do not slow each other down (NCCL kernels do take some SMs
-in reality), so ISO predictions are optimistic bounds. Times are seconds inside, ms in results.
+`simulate` runs `schedule.prefill_schedule` on two resources, the compute stream and the link.
+While an all-reduce is in flight, compute runs at (1 - s) of its speed, s = the device's
+`contention` (NCCL's kernels hold SMs of their own; see DEVICES for the cited values); s = 0:
+the two resources do not slow each other down. Times are seconds inside, ms in results.
+
+Model presets (`MODELS`) are published configurations, each with its source in `MODEL_SOURCES`.
 
 Benchmark profiles (`launch/bench.py --profiles`) are parsed here too, since a GPU profile is
 the cost model's prediction for that GPU: `parse_profile` ("ratio:R" or
-"gpu:<device>/<model>/tp<N>"), `profile_ratio` (the M/C ratio and latency share it asks for),
-`link_for_profile` (the emulated link's model reproducing it on the machine at hand).
+"gpu:<device>/<model>/tp<N>", e.g. "gpu:4090/opt-30b/tp4"), `profile_ratio` (the M/C ratio and
+latency share it asks for), `link_for_profile` (the emulated link's model reproducing it on the
+machine at hand).
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ from .shape import ModelShape, TokenCost
 
 GEMM_EFFICIENCY = 0.80  # achievable / datasheet dense tensor rate for large cuBLAS GEMMs
 MEM_EFFICIENCY = 0.85   # achievable / datasheet DRAM bandwidth (streaming reads)
+
+
+def check_contention(contention: float) -> float:
+    if not 0.0 <= contention < 1.0:
+        raise ValueError(f"contention s must be in [0, 1): compute runs at (1 - s) of its speed "
+                         f"while an all-reduce is in flight, got {contention!r}")
+    return float(contention)
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,17 @@ class DeviceProfile:
     # CUDA): seconds per causal (query, key) pair of one head; the roofline when larger. 0: the
     # roofline alone.
     attn_pair_s: float = 0.0
+    # Seconds per token of one compute step (one layer part of one chunk) for what the GEMM and
+    # attention rooflines leave out: norms, RoPE, activations, residual adds, per-op work.
+    token_s: float = 0.0
+    # s: while an all-reduce is in flight, compute runs at (1 - s) of its speed (0 <= s < 1).
+    contention: float = 0.0
+    contention_source: str = ""
+
+    def __post_init__(self):
+        check_contention(self.contention)
+        if not self.token_s >= 0:
+            raise ValueError(f"token_s must be >= 0 seconds per token, got {self.token_s!r}")
 
     @classmethod
     def from_measurement(cls, name: str, gemm_flops: float, gemm_s: float, mem_bw_gbs: float,
@@ -90,14 +114,35 @@ class LinkProfile:
         return cls(name, latency_s * 1e6, busbw / 1e9, source)
 
 
+# Contention s = the share of the SMs NCCL's all-reduce kernels hold while in flight: one CTA per
+# channel, and "NCCL CTAs won't share an SM with compute kernels" (NCCL maintainer, NVIDIA/nccl#689).
+# Prefill GEMMs at 1k-8k tokens are compute-bound, so losing k of N SMs slows them by about k / N.
+# Left out: the all-reduce's DRAM traffic (~3x busbw, NVIDIA/nccl#1428), which slows memory-bound
+# kernels too; there an A100 GEMM overlapped with an all-gather took 2.08 instead of 1.18 ms.
+CONTENTION_4090 = 2 / 128
+CONTENTION_A800 = 16 / 108
+CONTENTION_H100 = 16 / 132
+
 DEVICES: Dict[str, DeviceProfile] = {
     "4090": DeviceProfile("RTX 4090", 165.2 * GEMM_EFFICIENCY, 1008 * MEM_EFFICIENCY,
                           "NVIDIA Ada Lovelace architecture whitepaper (RTX 4090: 165.2 TFLOPS dense "
-                          "BF16 tensor with FP32 accumulate, 1008 GB/s GDDR6X)"),
+                          "BF16 tensor with FP32 accumulate, 1008 GB/s GDDR6X)",
+                          contention=CONTENTION_4090,
+                          contention_source="2 NCCL channels (CTAs) of 128 SMs: NCCL on a PCIe system "
+                          "'should just launch 2 SMs' (NVIDIA/nccl#689); NCCL logs of SHM all-reduces show "
+                          "channels 00-01 only (NVIDIA/nccl#1817); RTX 4090: 128 SMs (Ada whitepaper)"),
     "a800": DeviceProfile("A800 SXM 80GB", 312 * GEMM_EFFICIENCY, 2039 * MEM_EFFICIENCY,
-                          "NVIDIA A800 / A100 80GB SXM datasheet (312 TFLOPS dense BF16, 2039 GB/s HBM2e)"),
+                          "NVIDIA A800 / A100 80GB SXM datasheet (312 TFLOPS dense BF16, 2039 GB/s HBM2e)",
+                          contention=CONTENTION_A800,
+                          contention_source="16 NCCL CTAs of 108 SMs: a DGX A100 all-reduce runs 24 CTAs, "
+                          "2 per NVLink over 12 NVLinks (NVIDIA/nccl#1225); the A800 has 8 NVLinks (400 of "
+                          "the A100's 600 GB/s), so 16 at the same 2 per link (assumed); A100/A800: 108 SMs"),
     "h100": DeviceProfile("H100 SXM", 989 * GEMM_EFFICIENCY, 3350 * MEM_EFFICIENCY,
-                          "NVIDIA H100 datasheet, SXM5 (989 TFLOPS dense BF16, 3.35 TB/s HBM3)"),
+                          "NVIDIA H100 datasheet, SXM5 (989 TFLOPS dense BF16, 3.35 TB/s HBM3)",
+                          contention=CONTENTION_H100,
+                          contention_source="16 NCCL CTAs of 132 SMs: NVLS all-reduce on Hopper uses "
+                          "NVLS_NCHANNELS_SM90 = 16 channels (NVIDIA/nccl src/transport/nvls.cc); H100 SXM5: "
+                          "132 SMs"),
 }
 
 LINKS: Dict[str, LinkProfile] = {
@@ -116,10 +161,54 @@ LINKS: Dict[str, LinkProfile] = {
 MACHINES: Dict[str, Tuple[DeviceProfile, LinkProfile]] = {k: (DEVICES[k], LINKS[k]) for k in DEVICES}
 
 
+# Published configurations. Only the fields below matter to the cost model (the MLP's activation
+# only through `gated`); norms, biases and position embeddings are left out of `params()`.
 MODELS: Dict[str, ModelShape] = {
-    "30b": ModelShape("30B (OPT-30B-like)", 60, 6656, 52, 52, 17920, False, 50272),
-    "70b": ModelShape("70B (Llama-2-70B)", 80, 8192, 64, 8, 28672, True, 32000),
+    "opt-30b": ModelShape("OPT-30B", 48, 7168, 56, 56, 28672, False, 50272),
+    "llama-33b": ModelShape("LLaMA-33B", 60, 6656, 52, 52, 17920, True, 32000),
+    "llama-2-70b": ModelShape("Llama-2-70B", 80, 8192, 64, 8, 28672, True, 32000),
+    "llama-3-8b": ModelShape("Llama-3-8B", 32, 4096, 32, 8, 14336, True, 128256),
+    "llama-3-70b": ModelShape("Llama-3-70B", 80, 8192, 64, 8, 28672, True, 128256),
 }
+
+MODEL_SOURCES: Dict[str, str] = {
+    "opt-30b": "Hugging Face facebook/opt-30b config.json: num_hidden_layers 48, hidden_size 7168, "
+               "num_attention_heads 56, ffn_dim 28672, activation_function relu (an ungated MLP), "
+               "vocab_size 50272; OPT paper (Zhang et al. 2022, arXiv 2205.01068) Table 1",
+    "llama-33b": "LLaMA paper (Touvron et al. 2023, arXiv 2302.13971) Table 2, the '33B' (32.5B "
+                 "parameters; 'LLaMA-30B' on Hugging Face): 60 layers, dimension 6656, 52 heads, SwiGLU; "
+                 "huggyllama/llama-30b config.json: intermediate_size 17920, vocab_size 32000",
+    "llama-2-70b": "Hugging Face meta-llama/Llama-2-70b-hf config.json: num_hidden_layers 80, hidden_size "
+                   "8192, num_attention_heads 64, num_key_value_heads 8, intermediate_size 28672 (SwiGLU), "
+                   "vocab_size 32000",
+    "llama-3-8b": "Hugging Face meta-llama/Meta-Llama-3-8B config.json: num_hidden_layers 32, hidden_size "
+                  "4096, num_attention_heads 32, num_key_value_heads 8, intermediate_size 14336 (SwiGLU), "
+                  "vocab_size 128256",
+    "llama-3-70b": "Hugging Face meta-llama/Meta-Llama-3-70B config.json: num_hidden_layers 80, hidden_size "
+                   "8192, num_attention_heads 64, num_key_value_heads 8, intermediate_size 28672 (SwiGLU), "
+                   "vocab_size 128256",
+}
+
+# Old profile names: "70b" was Llama-2-70B all along. "30b" mixed LLaMA-33B's dimensions with an
+# ungated MLP and OPT's vocabulary (neither model), so it is refused with the two real ones named.
+MODEL_ALIASES: Dict[str, str] = {"70b": "llama-2-70b"}
+REMOVED_MODELS: Dict[str, str] = {
+    "30b": "model '30b' was removed: it mixed LLaMA-33B's dimensions with an ungated MLP and OPT's "
+           "vocabulary, neither model; use 'opt-30b' (OPT-30B) or 'llama-33b' (LLaMA-33B, a.k.a. LLaMA-30B)",
+}
+
+
+def model_preset(name: str) -> ModelShape:
+    """The preset called `name` (case-insensitive; aliases resolved); ValueError if unknown."""
+    if not isinstance(name, str):
+        raise ValueError(f"model name must be a string, got {name!r}")
+    key = name.strip().lower()
+    if key in REMOVED_MODELS:
+        raise ValueError(REMOVED_MODELS[key])
+    key = MODEL_ALIASES.get(key, key)
+    if key not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)} (aliases: {MODEL_ALIASES})")
+    return MODELS[key]
 
 
 def token_cost(model: ModelShape) -> TokenCost:
@@ -188,7 +277,7 @@ def chunk_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp:
     fc1 = gemm_time(m, h, model.ffn_hidden / tp, device, dtype_bytes)
     mlp = fc1 * (2 if model.gated else 1) + gemm_time(m, model.ffn_hidden / tp, h, device, dtype_bytes)
     ar = allreduce_time(m * h * dtype_bytes, link, tp)
-    step = device.step_overhead_s
+    step = device.step_overhead_s + device.token_s * m  # m = tokens x batch
     return {"attn": PartCost(attn + step, ar), "mlp": PartCost(mlp + step, ar)}
 
 
@@ -204,22 +293,64 @@ def step_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: 
 
 # ---------------------------------------------------------------- simulation
 
-def simulate(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int], PartCost]) -> float:
+def _slowed_finish(start: float, work: float, busy: List[Tuple[float, float]], first: int,
+                   rate: float) -> Tuple[float, int]:
+    """When compute of `work` seconds (at full speed) begun at `start` ends, progressing at `rate`
+    inside the link's busy intervals `busy` (sorted, disjoint) and at 1 outside; and the index of
+    the first interval still ending after `start` (compute only moves forward: earlier ones are
+    never looked at again)."""
+    t, i = start, first
+    while i < len(busy) and busy[i][1] <= t:
+        i += 1
+    first = i
+    while work > 0.0:
+        if i == len(busy):
+            return t + work, first
+        a, b = busy[i]
+        if t < a:  # free stretch before the next transfer
+            if work <= a - t:
+                return t + work, first
+            work -= a - t
+            t = a
+        done = (b - t) * rate  # work done in the rest of this transfer
+        if work <= done:
+            return t + work / rate, first
+        work -= done
+        t = b
+        i += 1
+    return t, first
+
+
+def simulate(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int], PartCost],
+             contention: float = 0.0) -> float:
     """Seconds to run the steps on one compute stream and one link (transfers queue in order).
 
-    compute: runs after the previous compute. reduce: starts when its compute is done and the
-    link is free. finish: the compute stream waits until that all-reduce is done.
+    compute: runs after the previous compute; at (1 - contention) of its speed while a transfer
+    is on the link, at full speed otherwise (piecewise in time). reduce: starts when its compute
+    is done and the link is free. finish: the compute stream waits until that all-reduce is done.
+    Transfers are not slowed by compute. Every transfer a compute can overlap is known when that
+    compute is simulated: a reduce listed later starts after its own compute, so after this one.
     """
+    rate = 1.0 - check_contention(contention)
     compute_free = link_free = 0.0
     computed: Dict[tuple, float] = {}
     reduced: Dict[tuple, float] = {}
+    busy: List[Tuple[float, float]] = []  # the link's transfers, in time order
+    first = 0
     for s in schedule_steps:
         key = (s.layer, s.part, s.chunk)
         if s.op == "compute":
-            compute_free += step_costs[(s.part, s.chunk)].compute_s
+            if rate == 1.0:
+                compute_free += step_costs[(s.part, s.chunk)].compute_s
+            else:
+                compute_free, first = _slowed_finish(compute_free, step_costs[(s.part, s.chunk)].compute_s,
+                                                     busy, first, rate)
             computed[key] = compute_free
         elif s.op == "reduce":
-            link_free = max(computed[key], link_free) + step_costs[(s.part, s.chunk)].comm_s
+            start = max(computed[key], link_free)
+            link_free = start + step_costs[(s.part, s.chunk)].comm_s
+            if link_free > start:
+                busy.append((start, link_free))
             reduced[key] = link_free
         elif s.op == "finish":
             compute_free = max(compute_free, reduced[key])
@@ -235,7 +366,7 @@ def _schedule(num_layers: int, num_chunks: int) -> Tuple[Step, ...]:
 
 def _time(model, device, link, tp, boundaries, batch, dtype_bytes) -> float:
     costs = step_costs(model, device, link, tp, boundaries, batch, dtype_bytes)
-    return simulate(_schedule(model.num_layers, len(boundaries) - 1), costs)
+    return simulate(_schedule(model.num_layers, len(boundaries) - 1), costs, device.contention)
 
 
 # ---------------------------------------------------------------- predictions and plans
@@ -245,7 +376,7 @@ class Prediction(NamedTuple):
     iso_ms: float       # the ISO schedule with the given boundaries
     compute_ms: float   # all compute of the ISO chunks, no communication
     comm_ms: float      # all all-reduces of the ISO chunks
-    ideal_ms: float     # lower bound: max(compute_ms, comm_ms) over the whole prefill
+    ideal_ms: float     # lower bound: max(compute_ms, comm_ms) over the whole prefill (at s = 0)
 
 
 class Plan(NamedTuple):
@@ -258,7 +389,9 @@ class Plan(NamedTuple):
 def predict(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int, seq_len: int,
             batch: int = 1, boundaries: Optional[Sequence[int]] = None, num_chunks: int = 2,
             split: Split = "balanced", dtype_bytes: int = 2) -> Prediction:
-    """Baseline and ISO prefill times; `boundaries` win over `num_chunks`/`split` ("auto" = best_plan)."""
+    """Baseline and ISO prefill times; `boundaries` win over `num_chunks`/`split` ("auto" = best_plan).
+    ISO's compute runs at (1 - device.contention) of its speed while an all-reduce is in flight;
+    the baseline overlaps nothing, so contention does not change it."""
     if boundaries is None:
         if split == "auto":
             boundaries = best_plan(model, device, link, tp, seq_len, batch, num_chunks, dtype_bytes).boundaries
@@ -268,7 +401,7 @@ def predict(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int
     if boundaries[0] != 0 or boundaries[-1] != seq_len or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
         raise ValueError(f"boundaries must rise strictly from 0 to seq_len={seq_len}, got {boundaries}")
     costs = step_costs(model, device, link, tp, boundaries, batch, dtype_bytes)
-    iso = simulate(_schedule(model.num_layers, len(boundaries) - 1), costs)
+    iso = simulate(_schedule(model.num_layers, len(boundaries) - 1), costs, device.contention)
     base = _time(model, device, link, tp, [0, seq_len], batch, dtype_bytes)
     compute = model.num_layers * sum(c.compute_s for c in costs.values())
     comm = model.num_layers * sum(c.comm_s for c in costs.values())
@@ -354,19 +487,21 @@ def ratio_profile(model: ModelShape, device: DeviceProfile, link: LinkProfile, t
 # ---------------------------------------------------------------- benchmark profiles
 
 def parse_gpu_profile(spec: str) -> Tuple[DeviceProfile, LinkProfile, ModelShape, int]:
-    """"gpu:<device>/<model>/tp<N>", e.g. "gpu:4090/30b/tp4" -> (device, link, model, tp)."""
+    """"gpu:<device>/<model>/tp<N>", e.g. "gpu:4090/opt-30b/tp4" -> (device, link, model, tp)."""
     m = re.fullmatch(r"gpu:([^/]+)/([^/]+)/tp(\d+)", spec.strip()) if isinstance(spec, str) else None
     if m is None:
         raise ValueError(f"GPU profile must look like 'gpu:<device>/<model>/tp<N>' "
-                         f"(e.g. 'gpu:4090/30b/tp4'), got {spec!r}")
+                         f"(e.g. 'gpu:4090/opt-30b/tp4'), got {spec!r}")
     dev, model, tp = m.group(1).lower(), m.group(2).lower(), int(m.group(3))
     if dev not in MACHINES:
         raise ValueError(f"unknown device {dev!r} in {spec!r}; known: {sorted(MACHINES)}")
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r} in {spec!r}; known: {sorted(MODELS)}")
+    try:
+        shape = model_preset(model)
+    except ValueError as e:
+        raise ValueError(f"{e} (in {spec!r})") from None
     if tp < 1:
         raise ValueError(f"tp must be >= 1 in {spec!r}")
-    return MACHINES[dev][0], MACHINES[dev][1], MODELS[model], tp
+    return MACHINES[dev][0], MACHINES[dev][1], shape, tp
 
 
 def parse_profile(spec: str) -> Tuple[str, object]:
