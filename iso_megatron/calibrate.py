@@ -5,7 +5,8 @@ the device / dtype / TP group in a `planner.Environment`).
 
 At the first auto prefill of an environment (device, dtype, TP group, and the reducer in use:
 an emulated link calibrates as itself), every rank of the TP group measures, on its device:
-  - GEMM rate (one GEMM of the model's MLP shape) and memory bandwidth (one large copy);
+  - GEMM rate (one GEMM of the model's MLP shape) and memory bandwidth (one large copy), at
+    the start and again at the end, the faster counting;
   - attention, of the kind the model runs (`Environment.attention`; where the adapter does not
     say: fused on CUDA, unfused on CPU):
       unfused  megatron's local core (baddbmm, mask, softmax, bmm), seconds per score on a
@@ -15,7 +16,9 @@ an emulated link calibrates as itself), every rank of the TP group measures, on 
                4-6 ns at 1024x1024, 7-8 ns at 1024x2048); the cost model interpolates the table;
       fused    torch's scaled_dot_product_attention, causal (the kernel of SDPAAttention, and
                the kind TE's and HF's sdpa attention run), seconds per causal (query, key)
-               pair: it skips the masked blocks, so only the causal pairs cost;
+               pair: it skips the masked blocks, so only the causal pairs cost; on CPU, where
+               its diagonal blocks are computed whole, fitted at two lengths together with a
+               cost per query (`_measure_attention_pairs`), which joins the per-token term;
   - the per-step overhead (one layer part of one chunk: launches, dispatch, the framework's
     Python): a layer run as `PROBE_CHUNKS` small chunks and as one chunk of the same rows,
     whose compute is nearly the same, so the difference is the fixed cost of the extra calls.
@@ -26,6 +29,13 @@ an emulated link calibrates as itself), every rank of the TP group measures, on 
     the cost model charges per chunk already: on a GPU, where a 16-row GEMM of a large model is
     bound by its weight reads, the overhead then comes out high, so auto splits less, never
     more (the safe side);
+  - the per-token term (`Calibration.token_s`, the cost model's `DeviceProfile.token_s`: per
+    token of one layer part, what the GEMM and attention rooflines leave out: norms, RoPE,
+    activations, residual adds, copies, and what the model's own kernels lose against the
+    calibrated rates): on the model's layer where the adapter's probe names the rows it runs
+    (`step_probe.tokens`, `.batch`): its one-chunk time less the rooflines and the two steps;
+    else the slope of a model-shaped miniature of that elementwise work (`_elementwise_layer`).
+    scripts/validate_costmodel.py checks the result against measured compute;
   - the link: all-reduces of `LINK_TOKENS` rows through the reducer ISO uses (latency and
     per-byte time, a straight line through the two).
 The model's dims size the probes (a GEMM's rate depends on its shape), so they are part of
@@ -35,10 +45,15 @@ happens), nor are the prompt length and the batch: every length is planned from 
 calibration by the cost model, in plain Python (plans cached per 1/8-octave bucket): no
 collective, no torch operation, no host synchronisation once the environment is calibrated.
 
-Limits. The fused kind is timed on one causal prompt (`ATTN_PAIR_TOKENS`); an ISO chunk runs
-it as a past block and a diagonal block on CPU (iso_megatron.megatron.attention), whose extra
-call is part of the per-chunk cost the step probe measures only when the probe's layer has the
-model's attention (megatron: yes; the miniature: no). Sliding-window or other masked forms are
+Limits. The fused kind is timed on one causal prompt on CUDA (`ATTN_PAIR_TOKENS`), on two on
+CPU; an ISO chunk runs it as a past block and a diagonal block on CPU
+(iso_megatron.megatron.attention), whose extra call is part of the per-chunk cost the step
+probe measures only when the probe's layer has the model's attention (megatron: yes; the
+miniature: no). Every rate is one figure for every size; checked against measured compute
+(scripts/validate_costmodel.py, docs/costmodel_validation.md: the bench's model on the 2-core
+CPU, 256-8192 tokens, stock and each ISO chunk within 8% at TP 1 and 12% at TP 2, with glibc's
+allocator fixed; with its default, stock's large tensors fault their pages in afresh at every
+prefill: stock then ran up to 15% above the model and 2-14% above ISO). Sliding-window or other masked forms are
 not modelled (the adapters run them stock or as the unfused kind).
 
 Agreement and failure. The ranks combine their figures with ONE all-reduce MAX over the TP
@@ -86,7 +101,10 @@ SEARCH_MARGIN = 0.005
 ATTN_LADDER = ((256, 256), (512, 512), (512, 1024), (1024, 2048))
 ATTN_MAX_HEADS = 8       # heads per probe: the cost per score is a per-head (cache) effect
 ATTN_PAIR_TOKENS = 4096  # CUDA: the fused causal probe's length
-ATTN_PAIR_TOKENS_CPU = 1024  # CPU: ... (a few ms per head: the CPU flash kernel, one thread)
+# CPU: the fused kernel timed at two lengths (3 and 40 ms per head, fp32, one thread): seconds
+# per causal pair and per query of one head, fitted (see `_measure_attention_pairs`)
+ATTN_PAIR_TOKENS_CPU = (1024, 4096)
+ATTN_PAIR_HEADS_CPU = (8, 2)  # heads of each (a per-head cost: the longer one with fewer heads)
 LINK_TOKENS = (16, 2048)  # rows x hidden of the link probe's two all-reduces
 PROBE_WIDTH = 64         # the miniature layer: weights of 64 x 64 stay in cache, re-reads are free
 PROBE_ROWS = 16          # rows of one small chunk (and the keys each query sees)
@@ -95,6 +113,7 @@ PROBE_REPEATS = 15       # interleaved pairs; the fastest of each kind counts (l
 PROBE_MIN_REPEATS = 3    # ... but after PROBE_BUDGET_S, no more than this many (a large model
 PROBE_BUDGET_S = 2.0     # on CPU: one real layer over 128 tokens takes tens of ms and more)
 MESSAGE_BYTES = 512      # per-rank slot of the error message in the combining all-reduce
+TOKEN_ROWS = (256, 1024)  # rows of the elementwise miniature (no probe of the model's layer)
 
 
 class Calibration(NamedTuple):
@@ -105,11 +124,12 @@ class Calibration(NamedTuple):
     bus_bw_gbs: float
     step_overhead_s: float   # measured: one layer part of one chunk
     attn_pair_s: float = 0.0  # fused causal attention, seconds per pair of one head; 0: unfused
+    token_s: float = 0.0      # measured: per token (x batch) of one layer part, what the rooflines omit
 
     def device(self):
         return cm.DeviceProfile("calibrated", self.gemm_tflops, self.mem_bw_gbs, "measured at first use",
                                 step_overhead_s=self.step_overhead_s, attn_score_table=self.attn_score_table,
-                                attn_pair_s=self.attn_pair_s)
+                                attn_pair_s=self.attn_pair_s, token_s=self.token_s)
 
     def link(self):
         return cm.LinkProfile("calibrated", self.latency_us, self.bus_bw_gbs, "measured at first use")
@@ -207,15 +227,42 @@ def _measure_attention_table(shape: ModelShape, tp, device, dtype) -> tuple:
     return tuple(table)
 
 
-def _measure_attention_pairs(shape: ModelShape, tp, device, dtype) -> float:
-    """Seconds per causal (query, key) pair of one head, torch's fused attention."""
-    heads, d = max(1, shape.num_heads // tp), shape.head_dim
-    s = ATTN_PAIR_TOKENS
-    if device.type != "cuda":  # a per-head cost, like the unfused table's: fewer heads, shorter
-        heads, s = min(heads, ATTN_MAX_HEADS), ATTN_PAIR_TOKENS_CPU
+def _causal_seconds_per_head(heads: int, s: int, d: int, device, dtype, reps: int = 3) -> float:
+    """Fastest seconds per head of torch's fused causal attention over a prompt of `s` (after
+    one untimed call)."""
     q, k, v = (torch.randn(1, heads, s, d, device=device, dtype=dtype) for _ in range(3))
-    t = _fastest_s(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device, reps=3)
-    return t / (heads * s * (s + 1) / 2)
+    return _fastest_s(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), device, reps=reps) / heads
+
+
+def _measure_attention_pairs(shape: ModelShape, tp, device, dtype) -> Tuple[float, float]:
+    """(seconds per causal (query, key) pair, seconds per query), one head, torch's fused attention.
+
+    CUDA: one prompt of `ATTN_PAIR_TOKENS`, the rank's heads: time / pairs (no per-query term).
+    CPU: the flash kernel (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp) skips the blocks
+    above the diagonal but computes the diagonal's blocks whole: 256 queries x 512 keys from 768
+    queries on, so each query pays for about 256 keys beyond its causal ones. Per head and
+    causal pair it measured (8 heads x 64, fp32, one thread) 6.3 ns at 1024 tokens, 4.7 at 4096,
+    4.5 at 8192: one rate per pair does not fit every length. Timed at the two lengths of
+    `ATTN_PAIR_TOKENS_CPU`, t(s) = pair * s(s+1)/2 + query * s is solved for both (4.0-4.2 ns
+    per pair, ~1 us per query there). The per-query term is not a pair cost: it joins the
+    per-token term (`_measure_token_cost`)."""
+    heads, d = max(1, shape.num_heads // tp), shape.head_dim
+    if device.type == "cuda":
+        s = ATTN_PAIR_TOKENS
+        return _causal_seconds_per_head(heads, s, d, device, dtype) / (s * (s + 1) / 2), 0.0
+    (s1, s2), (h1, h2) = ATTN_PAIR_TOKENS_CPU, ATTN_PAIR_HEADS_CPU
+    t1 = t2 = float("inf")
+    for _ in range(3):  # interleaved: a burst of load slows both alike; the fastest of each counts
+        t1 = min(t1, _causal_seconds_per_head(min(heads, h1), s1, d, device, dtype, reps=1))
+        t2 = min(t2, _causal_seconds_per_head(min(heads, h2), s2, d, device, dtype, reps=1))
+    p1, p2 = s1 * (s1 + 1) / 2, s2 * (s2 + 1) / 2
+    per_query = (t1 * p2 - t2 * p1) / (s1 * p2 - s2 * p1)
+    pair = (t2 - per_query * s2) / p2
+    # a kernel computes at most the whole square: per query at most the pairs of half a row of
+    # the shorter prompt. Outside that (load on one of the two), the longer one's rate alone
+    if not (0 < per_query <= pair * s1 / 2):
+        return t2 / p2, 0.0
+    return pair, per_query
 
 
 def _miniature_layer(device, dtype):
@@ -240,9 +287,17 @@ def _miniature_layer(device, dtype):
 
 
 def _measure_step_overhead(device, dtype, step_probe=None) -> float:
-    """Seconds of fixed cost per layer part per chunk: (T(K small chunks) - T(1 chunk of the
-    same rows)) / (K - 1) / 2 parts, fastest of interleaved repeats, clamped at 0. On the
-    adapter's `step_probe` (one real layer) where given, else on `_miniature_layer`.
+    """Seconds of fixed cost per layer part per chunk (`_measure_probe`)."""
+    return _measure_probe(device, dtype, step_probe)[0]
+
+
+def _measure_probe(device, dtype, step_probe=None) -> Tuple[float, Optional[float]]:
+    """(seconds of fixed cost per layer part per chunk, fastest seconds of the adapter's probe as
+    ONE chunk, None where the miniature was measured).
+
+    The fixed cost: (T(K small chunks) - T(1 chunk of the same rows)) / (K - 1) / 2 parts,
+    fastest of interleaved repeats, clamped at 0. On the adapter's `step_probe` (one real layer)
+    where given, else on `_miniature_layer`.
 
     `step_probe(k)` returns the number of chunks it ran (None: k): a prompt shorter than
     `PROBE_CHUNKS` tokens gives fewer; with fewer than 2 the miniature is measured instead."""
@@ -250,7 +305,8 @@ def _measure_step_overhead(device, dtype, step_probe=None) -> float:
     if step_probe is not None:
         ran = step_probe(PROBE_CHUNKS)  # also the warm-up of the small chunks
         chunks = PROBE_CHUNKS if ran is None else int(ran)
-    if step_probe is not None and chunks >= 2:
+    on_probe = step_probe is not None and chunks >= 2
+    if on_probe:
         one, many = (lambda: step_probe(1)), (lambda: step_probe(chunks))
         one()
     else:
@@ -268,25 +324,119 @@ def _measure_step_overhead(device, dtype, step_probe=None) -> float:
             break
         t_one = min(t_one, _fastest_s(one, device, reps=1, warmup=0))
         t_many = min(t_many, _fastest_s(many, device, reps=1, warmup=0))
-    return max((t_many - t_one) / (chunks - 1) / 2, 0.0)
+    return max((t_many - t_one) / (chunks - 1) / 2, 0.0), (t_one if on_probe else None)
+
+
+def _probe_rows(step_probe) -> Optional[Tuple[int, int]]:
+    """(tokens, batch) one call of the adapter's probe runs, where it says
+    (`step_probe.tokens`, `step_probe.batch`, default 1); None where it does not."""
+    tokens = getattr(step_probe, "tokens", None)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+        return None
+    batch = getattr(step_probe, "batch", 1)
+    return tokens, batch if isinstance(batch, int) and batch >= 1 else 1
+
+
+def _roofline_s(shape: ModelShape, tp, tokens: int, batch: int, dtype, tflops: float, bw: float,
+                pair: float, table: tuple) -> float:
+    """The cost model's GEMMs and attention for one layer (both parts) of ONE chunk of `tokens`
+    x `batch`, from this rank's rates; no step overhead, no per-token term."""
+    device = cm.DeviceProfile("probe", tflops, bw, attn_score_table=table, attn_pair_s=pair)
+    costs = cm.chunk_costs(shape, device, cm.LinkProfile("none", 0.0, 1.0), tp, 0, tokens, batch,
+                           _dtype_bytes(dtype))
+    return sum(c.compute_s for c in costs.values())
+
+
+def _elementwise_layer(shape: ModelShape, tp, device, dtype, rows: int):
+    """The per-token work of one layer that neither a GEMM nor the attention kernel does, at the
+    model's widths (this rank's share), over `rows` tokens, as plain torch kernels: two norms
+    and two residual adds over the hidden size, RoPE (cos, sin, rotate-half) over the rank's
+    query and key heads, the [s, heads, d] <-> [heads, s, d] copies of Q, K, V and the output,
+    and the MLP's activation over the rank's FFN width (gated: silu(a) * b)."""
+    h, d = shape.hidden, shape.head_dim
+    heads, groups = max(1, shape.num_heads // tp), max(1, shape.num_query_groups // tp)
+    ffn = max(1, shape.ffn_hidden // tp) * (2 if shape.gated else 1)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    t = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+    x, q, k, v, up, freqs = t(rows, h), t(rows, heads, d), t(rows, groups, d), t(rows, groups, d), \
+        t(rows, ffn), t(rows, 1, d)
+
+    def rope(u):
+        first, second = u.chunk(2, -1)
+        return u * freqs.cos() + torch.cat((-second, first), -1) * freqs.sin()
+
+    def layer():
+        y = x + F.layer_norm(x, (h,))
+        qh, kh, vh = (u.transpose(0, 1).contiguous() for u in (rope(q), rope(k), v))
+        out = qh.transpose(0, 1).reshape(rows, heads * d)
+        if shape.gated:
+            a, b = up.chunk(2, -1)
+            act = F.silu(a) * b
+        else:
+            act = F.gelu(up)
+        return y + F.layer_norm(y, (h,)), kh, vh, out, act
+    return layer
+
+
+def _measure_elementwise(shape: ModelShape, tp, device, dtype) -> float:
+    """Seconds per token of one layer part of `_elementwise_layer`: the slope between its two
+    row counts (`TOKEN_ROWS`), halved over the two parts; fastest of interleaved repeats."""
+    small, large = (_elementwise_layer(shape, tp, device, dtype, rows) for rows in TOKEN_ROWS)
+    small(), large()  # warm-up
+    t_small = t_large = float("inf")
+    for _ in range(5):
+        t_small = min(t_small, _fastest_s(small, device, reps=1, warmup=0))
+        t_large = min(t_large, _fastest_s(large, device, reps=1, warmup=0))
+    return max((t_large - t_small) / (TOKEN_ROWS[1] - TOKEN_ROWS[0]) / 2, 0.0)
+
+
+def _measure_token_cost(shape: ModelShape, tp, device, dtype, step_probe, one_s: Optional[float],
+                        step: float, tflops: float, bw: float, pair: float, per_query: float,
+                        table: tuple) -> float:
+    """Seconds per token (x batch) of one layer part for what the GEMM and attention rooflines
+    leave out: norms, RoPE, activations, residual adds, copies, and what the model's kernels
+    lose against the calibrated rates (a GEMM inside the layer, a flash kernel's partly masked
+    blocks).
+
+    On the adapter's layer, where its probe says how many rows it runs (`_probe_rows`): that
+    layer as one chunk (`one_s`, timed with the step overhead) less what the cost model already
+    charges it (two steps, `_roofline_s`), per token and part, clamped at 0. Elsewhere:
+    `_elementwise_layer`'s slope. Either way plus the fused attention's per-query cost of long
+    prompts (`_measure_attention_pairs`; the cost model has one per-token term for both parts,
+    so half of it per part). The probe's 128 rows hold the kernel's per-query cost at that size
+    (smaller blocks there: about half of it), which is so counted twice: +3% of a 1024-token
+    layer on the 2-core CPU (8 heads), +1% at 8192 (docs/costmodel_validation.md)."""
+    rows = _probe_rows(step_probe) if one_s is not None else None
+    attention = per_query * max(1, shape.num_heads // tp) / 2
+    if rows is not None:
+        tokens, batch = rows
+        rest = one_s - 2 * step - _roofline_s(shape, tp, tokens, batch, dtype, tflops, bw, pair, table)
+        return max(rest / (2 * tokens * batch), 0.0) + attention
+    return _measure_elementwise(shape, tp, device, dtype) + attention
 
 
 def _measure_locally(shape: ModelShape, tp, device, dtype, attention: str,
                      step_probe=None) -> List[float]:
     """This rank's figures, in a fixed layout (the same length on every rank):
-    [1/TFLOPS, 1/(GB/s), step overhead s, attention pair s, score s of each ATTN_LADDER point
-    (unfused attention only)]."""
+    [1/TFLOPS, 1/(GB/s), step overhead s, attention pair s, token s, score s of each ATTN_LADDER
+    point (unfused attention only)]."""
     tflops, bw = _measure_compute(shape, tp, device, dtype, _sync_of(device))
-    step = _measure_step_overhead(device, dtype, step_probe)
+    step, one_s = _measure_probe(device, dtype, step_probe)
     if attention == "fused":
-        pair, table = _measure_attention_pairs(shape, tp, device, dtype), ()
+        (pair, per_query), table = _measure_attention_pairs(shape, tp, device, dtype), ()
     else:
-        pair, table = 0.0, _measure_attention_table(shape, tp, device, dtype)
-    return [1.0 / tflops, 1.0 / bw, step, pair] + [t for _, t in table]
+        pair, per_query, table = 0.0, 0.0, _measure_attention_table(shape, tp, device, dtype)
+    # the rates once more, a second or so later, the faster counts: a burst of load during the
+    # first few ms (measured: GEMM 57 instead of 77-79 GFLOP/s on the 2-core CPU) only adds time
+    again = _measure_compute(shape, tp, device, dtype, _sync_of(device))
+    tflops, bw = max(tflops, again[0]), max(bw, again[1])
+    token = _measure_token_cost(shape, tp, device, dtype, step_probe, one_s, step, tflops, bw, pair,
+                                per_query, table)
+    return [1.0 / tflops, 1.0 / bw, step, pair, token] + [t for _, t in table]
 
 
 def _figure_count(attention: str) -> int:
-    return 4 + (0 if attention == "fused" else len(ATTN_LADDER))
+    return 5 + (0 if attention == "fused" else len(ATTN_LADDER))
 
 
 def attention_kind(env: Environment) -> str:
@@ -408,11 +558,11 @@ def _measure(shape: ModelShape, env: Environment, tp: int) -> Calibration:
     if errors:
         where = "; ".join(f"rank {r}: {m}" for r, m in sorted(errors.items()))
         raise RuntimeError(f"split='auto': calibration failed on {len(errors)} rank(s) ({where})")
-    inv_tflops, inv_bw, step, pair, *rest = combined
+    inv_tflops, inv_bw, step, pair, token, *rest = combined
     *scores, latency, per_byte = rest
     table = tuple((float(r * k), t) for (r, k), t in zip(ATTN_LADDER, scores))  # () when fused
     busbw = 2 * (tp - 1) / tp / per_byte / 1e9 if tp > 1 else float("inf")
-    return Calibration(1.0 / inv_tflops, 1.0 / inv_bw, table, latency * 1e6, busbw, step, pair)
+    return Calibration(1.0 / inv_tflops, 1.0 / inv_bw, table, latency * 1e6, busbw, step, pair, token)
 
 
 def _is_distributed(group) -> bool:

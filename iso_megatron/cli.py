@@ -99,3 +99,31 @@ def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 0,
 
 def median(values: List[float]) -> float:
     return statistics.median(values)
+
+
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def fixed_malloc() -> bool:
+    """glibc: every allocation below 2 GiB from the heap, and freed memory kept there.
+
+    By default glibc maps each block above its dynamic threshold (128 KiB rising to at most
+    32 MiB) from the kernel afresh and unmaps it when freed: the next tensor of that size
+    faults its pages in again (zeroed by the kernel), a cost per byte that grows with the
+    tensor. Stock's prefill makes larger tensors than ISO's chunks (8 layers at 4096 tokens on
+    this CPU: 80-196 thousand page faults per prefill for stock, 38-48 thousand for two chunks),
+    so stock measured 2-14% above ISO's compute and up to 15% above the cost model at 1-8k
+    tokens, varying from run to run with the threshold's history. Fixed, both run page-fault
+    free and agree within 2% from 1024 tokens on (docs/costmodel_validation.md). The benchmark and
+    scripts/validate_costmodel.py call it on CPU before building the model. Returns whether
+    glibc took the setting."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 2 ** 31 - 1)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False

@@ -46,17 +46,37 @@ REAL_MODES = ("shm", "lazy", "eager", "none")
 
 @dataclass(frozen=True)
 class LinkModel:
-    """Modelled time of one all-reduce: latency_s + nbytes * per_byte_s."""
+    """Modelled time of one all-reduce: latency_s + nbytes * per_byte_s.
+
+    `contention` s: while a transfer is in flight the compute beside it runs at (1 - s) of its
+    speed (on a GPU the collective's kernels take SMs and memory bandwidth; the cost model's
+    `simulate(..., contention=s)` is the same rule). The CPU computes at full speed meanwhile,
+    so `wait()` adds the time that compute would have lost: see `contention_delay`."""
 
     latency_s: float = 0.0
     per_byte_s: float = 0.0
+    contention: float = 0.0
+
+    def __post_init__(self):
+        if not 0 <= self.contention < 1:
+            raise ValueError(f"link contention must be in [0, 1), got {self.contention}")
 
     def seconds(self, nbytes: int) -> float:
         return self.latency_s + nbytes * self.per_byte_s if nbytes > 0 else 0.0
 
+    def contention_delay(self, computed_s: float, in_flight_s: float) -> float:
+        """Extra seconds the compute beside one transfer takes under contention: `computed_s`
+        of compute ran (at full speed) since the transfer started, which was in flight for
+        `in_flight_s`. At (1 - s) speed that work takes computed / (1 - s) while the transfer
+        lasts, at full speed after it: the loss is min(computed * s / (1 - s), in_flight * s)."""
+        s = self.contention
+        if s == 0 or computed_s <= 0 or in_flight_s <= 0:
+            return 0.0
+        return min(computed_s * s / (1 - s), in_flight_s * s)
+
     @classmethod
     def for_ratio(cls, ratio: float, compute_s: float, num_reduces: int, nbytes: int,
-                  latency_fraction: float = 0.0) -> "LinkModel":
+                  latency_fraction: float = 0.0, contention: float = 0.0) -> "LinkModel":
         """The link on which `num_reduces` all-reduces of `nbytes` each take `ratio` x `compute_s`
         together, `latency_fraction` of each being fixed latency (the rest scales with bytes)."""
         if ratio < 0 or compute_s < 0 or num_reduces < 1 or nbytes < 1:
@@ -65,7 +85,7 @@ class LinkModel:
         if not 0 <= latency_fraction < 1:
             raise ValueError(f"latency_fraction must be in [0, 1), got {latency_fraction}")
         per_reduce = ratio * compute_s / num_reduces
-        return cls(latency_fraction * per_reduce, (1 - latency_fraction) * per_reduce / nbytes)
+        return cls(latency_fraction * per_reduce, (1 - latency_fraction) * per_reduce / nbytes, contention)
 
 
 class Transfer(NamedTuple):
@@ -171,7 +191,12 @@ class EmulatedHandle:
             dist.all_reduce(self.tensor, group=self.group)
         elif self.work is not None:
             self.work.wait()
-        _hold_until(self.transfer.done)
+        # the compute since the transfer started (the executor computes the next step between
+        # start() and wait()) as it would have run beside it; stock waits at once: nothing
+        t = self.transfer
+        now = time.perf_counter()
+        slowed = self.link.model.contention_delay(now - t.started, t.done - t.started)
+        _hold_until(max(t.done, now + slowed))
         self._done = True
         self.link._waited(self)
         return True

@@ -60,10 +60,12 @@ class Environment(NamedTuple):
 
     `step_probe`, optional: `step_probe(k)` runs one of the model's layers over a fixed part of
     the prompt in k equal chunks, through the adapter's own chunk path, without communicating,
-    and returns the number of chunks it ran (fewer for a prompt shorter than k tokens; None: k).
-    The calibration then measures the fixed cost per chunk on the real code (the framework's
-    Python included: 310-350 us per layer part for megatron-core on this repo's CPU, against 32 us
-    for the kernels alone); without it, on a miniature layer of plain torch kernels. It is called
+    and returns the number of chunks it ran (fewer for a prompt shorter than k tokens; None: k);
+    its attributes `tokens` and `batch`, where set, are the rows one call runs. The calibration
+    then measures the fixed cost per chunk on the real code (the framework's Python included:
+    0.3-0.8 ms per layer part for megatron-core on this repo's CPU, against 32 us for the
+    kernels alone) and, given the rows, the per-token work the rooflines leave out; without a
+    probe, both on a miniature layer of plain torch kernels. It is called
     only when a calibration happens (an adapter may build one per forward: building it must
     cost nothing) and is not part of the calibration's identity.
 

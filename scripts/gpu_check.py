@@ -80,7 +80,10 @@ SIZES = {
                 bench=["--seq-lens", "64,128", "--num-layers", "2", "--hidden-size", "64",
                        "--ffn-hidden-size", "160", "--num-attention-heads", "8", "--group-query-attention",
                        "--num-query-groups", "4", "--timing-repeats", "1", "--timing-warmup", "1",
-                       "--compute-reps", "1", "--threads", "1"],
+                       "--compute-reps", "1", "--threads", "1",
+                       # the 2-layer toy model is bound by the per-chunk overhead (ISO computes
+                       # 20-35% more than stock): the parity check runs at the GPU sizes
+                       "--compute-tolerance", "100"],
                 budgets=dict(environment=30, exactness=40, host_syncs=20, poison_reducer=20, tp2_nccl=60,
                              proxy_bench=45)),
 }
@@ -970,16 +973,22 @@ def check_bench(ctx, deadline, figures):
                                    left / (len(runs) - i), env)
         res = figures[name] = dict(returncode=rc, timed_out=timed_out, log=f"bench_{name}.log",
                                    CUDA_DEVICE_MAX_CONNECTIONS=conns)
-        if rc != 0 or timed_out or not os.path.exists(out):
+        if rc not in (0, 2) or timed_out or not os.path.exists(out):
             ok = False
             why.append(f"{name}: bench {'timed out' if timed_out else f'exit {rc}'}: "
                        + tail(os.path.join(ctx.out, f"bench_{name}.log"), 600))
             continue
         with open(out) as f:
             records = json.load(f)
+        if rc == 2:  # finished, and its own checks flagged records (kept below, with the figures)
+            ok = False
+            why.append(f"{name}: bench problems: " + "; ".join(
+                f"s={r['seq_len']} {r['split']}: {p}" for r in records for p in r["problems"])[:600])
         res["rows"] = [dict(seq_len=r["seq_len"], split=r["split"], k=r["num_chunks"], bounds=r["boundaries"],
-                            stock_ms=r["baseline_ms"], iso_ms=r["iso_ms"], bound_ms=r["ideal_ms"],
-                            ratio=r["iso_ms"] / r["baseline_ms"], compute_ms=r["compute_ms"], comm_ms=r["comm_ms"],
+                            stock_ms=r["baseline_ms"], iso_ms=r["iso_ms"], bound_ms=r["bound_ms"],
+                            ratio=r["iso_ms"] / r["baseline_ms"], stock_compute_ms=r["stock_compute_ms"],
+                            iso_compute_ms=r["iso_compute_ms"], comm_ms=r["iso_comm_ms"],
+                            hidden_fraction=r["hidden_fraction"], spread=r["spread"], problems=r["problems"],
                             max_rel_err=r["max_rel_err"], peak_mem_ratio=r.get("peak_mem_ratio"),
                             dtype=r.get("dtype"), param_dtypes=r.get("param_dtypes"))
                        for r in records]
@@ -1048,7 +1057,7 @@ def print_table(report: Report):
     bench = report.data["checks"].get("proxy_bench", {}).get("figures", {})
     lines = [(variant, r) for variant, v in bench.items() for r in v.get("rows", [])]
     if lines:
-        print("proxy bench (ms; bound = max(compute, copy) of the ISO chunks):", flush=True)
+        print("proxy bench (ms; bound = the same-run bound: ISO's schedule under perfect overlap):", flush=True)
         print(f"  {'variant':<18} {'tokens':>6} {'split':>8} K {'stock':>8} {'ISO':>8} {'bound':>8} "
               f"{'ISO/stock':>9} {'mem ratio':>9}", flush=True)
         for variant, r in lines:

@@ -79,6 +79,18 @@ def _link_cases():
     link(None).start(torch.ones(4)).wait()
     a, b = link.log
     out["idle_start_gap_s"] = b.started - b.issued
+
+    # contention s = 0.5: a 40 ms transfer beside 30 ms of compute (a busy loop, as a compute
+    # step between start() and wait()); and stock's start-then-wait, which overlaps nothing
+    link = EmulatedLink(LinkModel(0.040, 0.0, contention=0.5))
+    for name, busy_s in (("contention_overlapped_s", 0.030), ("contention_stock_s", 0.0)):
+        dist.barrier()
+        t0 = time.perf_counter()
+        h = link(None).start(torch.ones(4))
+        while time.perf_counter() - t0 < busy_s:
+            pass
+        h.wait()
+        out[name] = time.perf_counter() - t0
     return out
 
 

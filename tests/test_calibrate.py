@@ -1,7 +1,7 @@
 """split="auto": one calibration per process and environment, every length planned from it
 without communicating; a calibration that fails on one rank fails on all; the step overhead
-is measured. No assertion on real speed (the overhead probe is checked against sleeps, which
-only add time)."""
+and the per-token term are measured. No assertion on real speed (the probes are checked
+against sleeps, which only add time)."""
 
 import time
 
@@ -164,6 +164,70 @@ def test_attention_kind_is_measured_and_keyed(measured):
         calib.calibrate(SHAPE, CPU._replace(attention="flash"), tp=2)
 
 
+def _sleeping_probe(fixed_s: float, per_chunk_s: float, tokens=None):
+    """An adapter's probe whose one-chunk run costs `fixed_s` + `per_chunk_s` and every extra
+    chunk `per_chunk_s` more; `tokens`: the rows it says it runs (`probe.tokens`), if any."""
+    calls = []
+
+    def probe(k):
+        calls.append(k)
+        time.sleep(fixed_s + k * per_chunk_s)
+    probe.calls = calls
+    if tokens is not None:
+        probe.tokens = tokens
+    return probe
+
+
+def test_token_term_is_measured_on_the_adapters_layer(measured, monkeypatch):
+    # a probe of 10 tokens whose one chunk takes 30 ms beyond its 2 ms step per call: the term is
+    # what the rooflines (a 10-token GEMM of the tiny shape: well under 4 ms even on a loaded
+    # machine) and the two steps leave of it, per token and part: at least ~1.3 ms
+    elementwise = []
+    monkeypatch.setattr(calib, "_measure_elementwise", lambda *a: elementwise.append(a) or 0.0)
+    probe = _sleeping_probe(30e-3, 2e-3, tokens=10)
+    cal = calib.calibrate(SHAPE, CPU._replace(step_probe=probe, attention="fused"), tp=2)
+    assert cal.step_overhead_s >= 0.95e-3
+    assert cal.token_s >= (30e-3 - 4e-3) / (2 * 10), cal
+    assert elementwise == []  # measured on the layer, not on the miniature
+    assert cal.device().token_s == cal.token_s  # the cost model gets it
+    # a probe that does not say its rows: the model-shaped miniature, nothing from the layer
+    calib.clear_cache()
+    cal = calib.calibrate(SHAPE, CPU._replace(step_probe=_sleeping_probe(30e-3, 2e-3)), tp=2)
+    assert len(elementwise) == 1 and cal.token_s == 0.0  # (the miniature stubbed to 0 above)
+
+
+def test_token_term_without_the_adapters_layer_is_the_elementwise_work(measured):
+    # no probe: the elementwise miniature at the model's widths, real kernels: some time per token
+    cal = calib.calibrate(SHAPE, CPU, tp=2)
+    assert cal.token_s > 0
+    assert calib.Calibration._fields[-1] == "token_s"  # appended: positional users unchanged
+    old = calib.Calibration(*cal[:7])  # a caller that knows the seven older fields
+    assert old.token_s == 0.0 and old.device().token_s == 0.0
+
+
+def test_fused_pair_rate_separates_the_per_query_cost(monkeypatch):
+    # CPU: a kernel costing 4 ns per causal pair and 1 us per query (per head) at every length
+    # (what the flash kernel's whole diagonal blocks do): the fit finds both, where the time at
+    # one length divided by its pairs would not (5.95 ns at 1024, 4.49 at 4096)
+    pair, query = 4e-9, 1e-6
+    cost = lambda heads, s, *a, **k: pair * s * (s + 1) / 2 + query * s
+    monkeypatch.setattr(calib, "_causal_seconds_per_head", cost)
+    got_pair, got_query = calib._measure_attention_pairs(SHAPE, 2, torch.device("cpu"), torch.float32)
+    assert got_pair == pytest.approx(pair, rel=1e-9) and got_query == pytest.approx(query, rel=1e-9)
+    # load on one of the two prompts only (3x its time): a fit no kernel could have (a negative
+    # cost, or more per query than half a row of pairs); the longer prompt's rate alone instead
+    s1, s2 = calib.ATTN_PAIR_TOKENS_CPU
+    for slowed in (s1, s2):
+        monkeypatch.setattr(calib, "_causal_seconds_per_head",
+                            lambda heads, s, *a, **k: cost(heads, s) * (3 if s == slowed else 1))
+        got_pair, got_query = calib._measure_attention_pairs(SHAPE, 2, torch.device("cpu"), torch.float32)
+        assert got_query == 0.0 and got_pair == pytest.approx(cost(1, s2) * (3 if slowed == s2 else 1)
+                                                             / (s2 * (s2 + 1) / 2)), slowed
+    # the real kernel: a positive rate per pair
+    monkeypatch.undo()
+    assert calib._measure_attention_pairs(SHAPE, 2, torch.device("cpu"), torch.float32)[0] > 0
+
+
 # ---------------------------------------------------------------- two ranks
 
 class CollectiveLog:
@@ -187,8 +251,10 @@ class CollectiveLog:
 def _planning_cases(env, rank):
     """Calibrate once, with rank 1 measuring a 30% slower GEMM: one MAX all-reduce, the same
     figures and plans on both ranks; later lengths plan without any collective or torch call."""
-    real = calib._measure_compute
+    real, real_token = calib._measure_compute, calib._measure_token_cost
     calib._measure_compute = lambda *a: (lambda t, b: (t / (1 + 0.3 * rank), b))(*real(*a))
+    # ... and rank 1 twice the per-token term it measured
+    calib._measure_token_cost = lambda *a: real_token(*a) * (1 + rank)
     measures, real_measure = [], calib._measure
     calib._measure = lambda *a: measures.append(1) or real_measure(*a)
     try:
@@ -198,7 +264,7 @@ def _planning_cases(env, rank):
         with CollectiveLog() as later, TorchCalls() as torch_calls:
             plans += [calib.auto_plan(SHAPE, env, s, 1, 2, 4) for s in (700, 1500, 3000)]
     finally:
-        calib._measure_compute, calib._measure = real, real_measure
+        calib._measure_compute, calib._measure, calib._measure_token_cost = real, real_measure, real_token
     return dict(first=first.calls, later=later.calls, torch_calls=torch_calls.calls, measures=len(measures),
                 cal=tuple(calib.calibrate(SHAPE, env, tp=2)), plans=[tuple(p) for p in plans])
 
@@ -222,6 +288,21 @@ def _failure_cases(env, rank):
             out[name] = str(e)
         finally:
             calib._measure_compute = real
+    real_elementwise = calib._measure_elementwise
+    calib.clear_cache()
+
+    def elementwise(*a):
+        if rank == 1:
+            raise ValueError("token probe injected on rank 1")
+        return real_elementwise(*a)
+    calib._measure_elementwise = elementwise
+    try:
+        calib.auto_plan(SHAPE, env, 1000, 1, 2, 4)
+        out["token"] = "no error"
+    except RuntimeError as e:
+        out["token"] = str(e)
+    finally:
+        calib._measure_elementwise = real_elementwise
     out["after"] = tuple(calib.auto_plan(SHAPE, env, 1000, 1, 2, 4))  # not cached: measured again
     return out
 
@@ -243,7 +324,7 @@ def _model_cases():
     link = EmulatedLink(LinkModel(0.0, 2e-8))
     out = {}
     measures, real_measure = [], calib._measure
-    probe_collectives, real_step = [], calib._measure_step_overhead
+    probe_collectives, real_step = [], calib._measure_probe
 
     def logged_step(device, dtype, step_probe=None):
         with CollectiveLog() as log:
@@ -253,7 +334,7 @@ def _model_cases():
     def logged_measure(shape, env, tp):  # what the adapter gave the calibration
         measures.append((env.step_probe is not None, env.attention))
         return real_measure(shape, env, tp)
-    calib._measure, calib._measure_step_overhead = logged_measure, logged_step
+    calib._measure, calib._measure_probe = logged_measure, logged_step
     try:
         with torch.no_grad():
             for s in (600, 1100, 2000):
@@ -271,7 +352,7 @@ def _model_cases():
                 out[f"auto{s}"] = dict(plan=tuple(iso.decoder.iso_plan), err=rel_err(got, ref))
         out["sdpa"] = _sdpa_auto_case(stock, link, rel_err)
     finally:
-        calib._measure, calib._measure_step_overhead = real_measure, real_step
+        calib._measure, calib._measure_probe = real_measure, real_step
     out["measures"] = measures
     out["probe_collectives"] = probe_collectives
     out["probe"] = _probe_case(iso)
@@ -313,7 +394,35 @@ def _probe_case(iso):
         ran = [step_probe(layers, hidden, args)(k) for k in (1, 8)]
         short = step_probe(layers, hidden[:5], args)(8)  # a 5-token prompt: 5 chunks
     return dict(ran=ran, short=short, collectives=log.calls, caller_kv=len(ctx.key_value_memory_dict),
-                hidden_kept=bool(torch.equal(hidden, before)), grad=torch.is_grad_enabled())
+                hidden_kept=bool(torch.equal(hidden, before)), grad=torch.is_grad_enabled(),
+                token=_layer_token_case(layers, hidden, args))
+
+
+def _layer_token_case(layers, hidden, args):
+    """The per-token term on megatron's own layer: a probe that names its rows (128 tokens of
+    batch 1) is timed as one chunk and the rooflines of those rows are taken off it; the
+    model-shaped miniature is not run."""
+    from megatron.core import parallel_state
+
+    from iso_megatron.megatron.block import step_probe
+    from iso_megatron.shape import ModelShape
+
+    probe = step_probe(layers, hidden, {**args, "inference_context": None})
+    probe.tokens, probe.batch = 128, 1
+    rooflines, real_roofline = [], calib._roofline_s
+    elementwise, real_elementwise = [], calib._measure_elementwise
+    calib._roofline_s = lambda shape, tp, tokens, batch, *a: rooflines.append((tokens, batch)) or \
+        real_roofline(shape, tp, tokens, batch, *a)
+    calib._measure_elementwise = lambda *a: elementwise.append(1) or real_elementwise(*a)
+    try:
+        calib.clear_cache()
+        env = Environment(torch.device("cpu"), torch.float32, parallel_state.get_tensor_model_parallel_group(),
+                          probe, "fused")
+        cal = calib.calibrate(ModelShape.from_megatron_config(layers[0].config), env)
+    finally:
+        calib._roofline_s, calib._measure_elementwise = real_roofline, real_elementwise
+        calib.clear_cache()
+    return dict(token_s=cal.token_s, rooflines=rooflines, elementwise=len(elementwise), cal=tuple(cal))
 
 
 def calibration_group():
@@ -345,6 +454,7 @@ def test_calibration_is_one_collective_agreement_then_none(ranks):
         assert p["later"] == [] and p["torch_calls"] == []
     a, b = (r["planning"] for r in ranks)
     assert a["cal"] == b["cal"]  # bit-identical although rank 1 measured a slower GEMM
+    assert a["cal"][-1] > 0  # ... and twice the per-token term (the slowest rank's is taken)
     assert a["plans"] == b["plans"]
     assert any(bounds is not None for bounds, *_ in a["plans"])  # not only the stock path
 
@@ -357,6 +467,9 @@ def test_calibration_failing_on_one_rank_fails_on_all(ranks):
         assert "rank 1: ValueError: injected on rank 1" in f["rank1"], f
         assert "rank 0: ValueError: injected on rank 0" in f["both"], f
         assert "rank 1: ValueError: injected on rank 1" in f["both"], f
+        # the per-token measurement failing on rank 1 only: rank 0 raises too, with its message
+        assert "calibration failed on 1 rank(s) (rank 1: ValueError: token probe injected on rank 1)" \
+            in f["token"], f
     assert ranks[0]["failure"]["after"] == ranks[1]["failure"]["after"]
     assert ranks[0]["failure"]["after"][1].startswith("auto:")
 
@@ -399,3 +512,7 @@ def test_megatron_step_probe_runs_one_layer_privately(ranks):
         assert p["collectives"] == []  # its reduces start nothing: no rank waits on another
         assert p["caller_kv"] == 0  # K/V in a private cache, never the caller's
         assert p["hidden_kept"] and p["grad"]  # the forward's input intact; autograd as it was
+        token = p["token"]
+        assert token["rooflines"] == [(128, 1)] and token["elementwise"] == 0, token
+        assert token["token_s"] >= 0
+    assert ranks[0]["model"]["probe"]["token"]["cal"] == ranks[1]["model"]["probe"]["token"]["cal"]

@@ -168,6 +168,9 @@ def step_probe(layers, hidden_states, args, tokens: int = 128):
         with comm.use_reducer(_NoReduce), torch.no_grad():
             _prefill(layers[:1], hidden_states[:n], bounds, {**args, "inference_context": None})
         return len(bounds) - 1
+
+    # the rows one call runs: the calibration's per-token term is measured on them
+    probe.tokens, probe.batch = min(tokens, hidden_states.size(0)), hidden_states.size(1)
     return probe
 
 
