@@ -10,7 +10,10 @@ sets its own defaults (`parser.set_defaults`). No framework is imported here.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import tempfile
 import time
 from typing import Callable, List, Optional
 
@@ -127,3 +130,30 @@ def fixed_malloc() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 2 ** 31 - 1)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
     except (OSError, AttributeError):
         return False
+
+
+def write_atomically(path: str, write: Callable[[object], None], binary: bool = False) -> None:
+    """`write(f)` into a temporary file beside `path`, flushed to disk, then renamed over it:
+    a crash (or an exception in `write`) never leaves a half-written file where a previous good
+    one was, and readers see the old file or the new one, whole."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(path: str, data) -> None:
+    """`data` as indented JSON at `path`, atomically (`write_atomically`)."""
+    write_atomically(path, lambda f: json.dump(data, f, indent=1))

@@ -794,9 +794,7 @@ def _main(args, rank, world):
     flagged = [(r, p) for r in records for p in r["problems"]]
     if rank == 0:
         if args.output_json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output_json)), exist_ok=True)
-            with open(args.output_json, "w") as f:
-                json.dump(records, f, indent=1)
+            cli.write_json(args.output_json, records)
             print(f"[bench] wrote {len(records)} records to {args.output_json}", flush=True)
         if args.plot:
             if plot(records, args.plot):

@@ -51,6 +51,12 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--save-logits", metavar="PATH", help="torch.save the prefill logits [s, vocab] of each prompt")
     g.add_argument("--deepspeed", action="store_true", help="wrap the model in DeepSpeed's inference engine")
     g.add_argument("--deepspeed-config", metavar="JSON", help="DeepSpeed inference config (may hold \"iso\")")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the --load checkpoint's files fully, as Megatron-LM does. "
+                        "WARNING: this allows arbitrary code execution from the checkpoint: "
+                        "use it only for checkpoints you trust. Without it, the files are read "
+                        "with torch.load(weights_only=True) and an allowlist of the types "
+                        "Megatron/DeepSpeed checkpoints hold, and anything else is refused")
 
 
 def fail(parser, msg: str):
@@ -77,6 +83,9 @@ def prepare_args(argv=None):
         if args.use_checkpoint_args:
             fail(parser, "--use-checkpoint-args needs --load")
     else:
+        if os.path.isfile(args.load):
+            fail(parser, f"--load {args.load}: a file, not a checkpoint directory (give the directory "
+                         f"that holds latest_checkpointed_iteration.txt or the iter_*/release folders)")
         if not os.path.isdir(args.load):
             fail(parser, f"--load {args.load}: no such directory")
         if args.use_checkpoint_args:
@@ -84,7 +93,8 @@ def prepare_args(argv=None):
 
             try:
                 stored = checkpoint_args(args.load, tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                         ckpt_format=args.ckpt_format)
+                                         ckpt_format=args.ckpt_format,
+                                         trust_checkpoint=args.trust_checkpoint)
             except (OSError, ValueError) as e:
                 fail(parser, f"--use-checkpoint-args: {e}")
             if not stored:
@@ -143,8 +153,9 @@ def prepare_args(argv=None):
         fail(parser, "; ".join(errors))
     args.prompt_ids = prompt_token_ids(args, tokenizer, parser)
     for ids in args.prompt_ids:
-        if max(ids) >= args.padded_vocab_size or min(ids) < 0:
-            fail(parser, f"prompt token id {max(ids)} outside the vocabulary ({args.padded_vocab_size})")
+        bad = [i for i in ids if not 0 <= i < args.padded_vocab_size]
+        if bad:
+            fail(parser, f"prompt token id {bad[0]} outside the vocabulary [0, {args.padded_vocab_size})")
         if len(ids) + args.num_tokens_to_generate > args.max_position_embeddings:
             fail(parser, f"prompt ({len(ids)} tokens) + --num-tokens-to-generate "
                          f"({args.num_tokens_to_generate}) exceed --max-position-embeddings "
@@ -264,7 +275,8 @@ def build_model(args, device):
     if args.load:
         from iso_megatron.megatron.checkpoint import load_checkpoint
 
-        load_checkpoint(model, args.load, ckpt_format=args.ckpt_format)
+        load_checkpoint(model, args.load, ckpt_format=args.ckpt_format,
+                        trust_checkpoint=args.trust_checkpoint)
     model = model.to(device).eval()
     apply_iso(model, args.iso_config)
     model = float16_module(model, config)
@@ -286,7 +298,7 @@ def run(args, tokenizer, device, rank: int) -> dict:
     import torch
     from tqdm import tqdm
 
-    from iso_megatron import ISOConfig, apply_iso
+    from iso_megatron import ISOConfig, apply_iso, cli
     from iso_megatron.megatron.generate import generate, time_prefill
 
     mcore = getattr(args, "_mcore_model", None)
@@ -321,7 +333,7 @@ def run(args, tokenizer, device, rank: int) -> dict:
         results.append(rec)
     bar.close()
     if args.save_logits and rank == 0:
-        torch.save(all_logits, args.save_logits)
+        cli.write_atomically(args.save_logits, lambda f: torch.save(all_logits, f), binary=True)
     iso = args.iso_config
     return dict(tp=args.tensor_model_parallel_size, device=str(device), precision=precision_name(args),
                 iso=dict(enabled=iso.enabled, num_chunks=iso.num_chunks,
@@ -373,8 +385,9 @@ def _main(args, tokenizer) -> int:
             if "generated_text" in rec:
                 print(f"  generated text: {rec['generated_text']!r}")
         if args.output_json:
-            with open(args.output_json, "w") as f:
-                json.dump(r, f, indent=1)
+            from iso_megatron import cli
+
+            cli.write_json(args.output_json, r)
     return 0
 
 

@@ -201,8 +201,7 @@ def _main(args):
             print(f"prefill (median of {args.timing_repeats}): stock {res['prefill_ms_stock']:.2f} ms")
             print(f"generated tokens: {res['tokens_stock'][0]}")
         if args.output_json:
-            with open(args.output_json, "w") as f:
-                json.dump(res, f, indent=1)
+            cli.write_json(args.output_json, res)
     return res
 
 

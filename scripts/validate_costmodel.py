@@ -504,8 +504,7 @@ def main(argv=None):
         if setup.rank == 0:
             print(markdown(result), flush=True)
             if args.output_json:
-                with open(args.output_json, "w") as f:
-                    json.dump(result, f, indent=1)
+                cli.write_json(args.output_json, result)
                 print(f"[validate] wrote {args.output_json}", flush=True)
 
 

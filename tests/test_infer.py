@@ -64,12 +64,28 @@ def _prepare(argv, world=1, monkeypatch=None):
     (["--load", "/nonexistent/ckpt"], 1, "--load /nonexistent/ckpt: no such directory"),
     (["--prompts", "a", "--prompt-token-ids", "1,2"], 1, "only one of --prompts"),
     (["--prompt-token-ids", "1,x"], 1, "comma-separated integers"),
-    (["--prompt-token-ids", "1,99999"], 1, "outside the vocabulary"),
+    (["--prompt-token-ids", "1,99999"], 1, "prompt token id 99999 outside the vocabulary"),
+    (["--prompt-token-ids", "1,-2"], 1, "prompt token id -2 outside the vocabulary [0, 512)"),
+    (["--prompt-token-ids", "1.5,2"], 1, "comma-separated integers"),
+    (["--prompt-token-ids", ","], 1, "--prompt-token-ids is empty"),
+    (["--prompts", ""], 1, "a prompt tokenizes to no tokens"),
+    (["--num-tokens-to-generate", "-1"], 1, "--num-tokens-to-generate must be >= 1"),
+    (["--seq-length", "16", "--prompt-token-ids", ",".join(["7"] * 17)], 1,
+     "prompt (17 tokens) + --num-tokens-to-generate (16) exceed --max-position-embeddings (16)"),
+    (["--max-position-embeddings", "64", "--prompt-token-ids", ",".join(["7"] * 60)], 1,
+     "prompt (60 tokens) + --num-tokens-to-generate (16) exceed --max-position-embeddings (64)"),
+    (["--tensor-model-parallel-size", "2"], 3, "--tensor-model-parallel-size (2) must equal the number of processes (3)"),
     (["--num-tokens-to-generate", "5000"], 1, "exceed --max-position-embeddings"),
     (["--no-such-flag"], 1, "unrecognized arguments: --no-such-flag"),
     (["--deepspeed-config", "x.json"], 1, "--deepspeed-config needs --deepspeed"),
+    (["--deepspeed", "--deepspeed-config", "BAD_JSON"], 1, "Expecting property name"),
+    (["--load", "A_FILE"], 1, "a file, not a checkpoint directory"),
 ])
-def test_flag_errors_are_megatron_style(argv, world, message, monkeypatch, capsys):
+def test_flag_errors_are_megatron_style(argv, world, message, monkeypatch, capsys, tmp_path):
+    bad_json, a_file = tmp_path / "ds.json", tmp_path / "model_optim_rng.pt"
+    bad_json.write_text("{bad")
+    a_file.write_bytes(b"")
+    argv = [{"BAD_JSON": str(bad_json), "A_FILE": str(a_file)}.get(a, a) for a in argv]
     with pytest.raises(SystemExit) as e:
         _prepare(argv, world, monkeypatch)
     assert e.value.code == 2
@@ -98,3 +114,30 @@ def test_deepspeed_path_with_iso_key(tmp_path):
     assert rec["iso"] == {"enabled": True, "num_chunks": 3, "split": "even", "min_tokens": 0}
     assert len(rec["iso_chunk_bounds"]) == 4  # 3 chunks ran inside DeepSpeed's engine
     assert rec["max_abs_logit_diff"] < 1e-4
+
+
+def test_output_files_are_written_atomically(tmp_path):
+    """A writer that fails half-way leaves the previous file whole and no temporary behind;
+    one that succeeds replaces it (what --output-json, --save-logits and the bench's JSON use)."""
+    import json
+
+    import torch
+
+    from iso_megatron import cli
+
+    path = tmp_path / "out.json"
+    cli.write_json(str(path), {"good": 1})
+
+    def half_then_crash(f):
+        f.write('{"half": ')
+        raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError, match="crash while writing"):
+        cli.write_atomically(str(path), half_then_crash)
+    assert json.loads(path.read_text()) == {"good": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    cli.write_json(str(path), {"new": [1, 2]})
+    assert json.loads(path.read_text()) == {"new": [1, 2]}
+    logits = tmp_path / "sub" / "logits.pt"  # a missing folder is made, as before
+    cli.write_atomically(str(logits), lambda f: torch.save([torch.arange(3)], f), binary=True)
+    assert torch.equal(torch.load(logits)[0], torch.arange(3))

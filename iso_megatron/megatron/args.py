@@ -20,7 +20,7 @@ from .. import cli
 EMBEDDED_DEFAULT = dict(num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8,
                         group_query_attention=True, num_query_groups=4, normalization="RMSNorm",
                         swiglu=True, disable_bias_linear=True, position_embedding_type="rope",
-                        max_position_embeddings=4096, seq_length=4096,
+                        seq_length=4096,  # --max-position-embeddings follows it, as in Megatron-LM
                         untie_embeddings_and_output_weights=True, tokenizer_type="ByteLevelTokenizer")
 
 # Model-shape flags that --use-checkpoint-args takes from the checkpoint (Megatron's list).

@@ -5,6 +5,8 @@ current tensor-parallel (TP) size, whatever TP they were saved at.
     shape = checkpoint_args(load_dir, tp)      # local: Megatron-LM model args stored in it (or None)
     info = load_checkpoint(model, load_dir)    # collective over the world: every rank calls it
 
+Each takes `trust_checkpoint=False` (launch/infer.py: --trust-checkpoint), see "Pickles" below.
+
 Formats:
 - Megatron `torch_dist` (dist_checkpointing dir: metadata.json, .metadata, *.distcp; the common
   state with 'args' in common.pt as megatron-core 0.16 writes it, or inside the .distcp files as
@@ -21,7 +23,9 @@ whatever names the built model uses.
 
 Modules:
   find         locating a checkpoint (formats, tracker files, shard files), CheckpointInfo, the
-               errors, the torch.load of one file
+               errors
+  unpickle     every pickle read: torch.load(weights_only=True) with the allowlist
+               CHECKPOINT_GLOBALS, torch_dist's .metadata and .distcp bytes entries likewise
   keys         key names: canonical names, TE / legacy / DeepSpeed renames, ignored keys
   stored_args  the Megatron-LM args stored with a checkpoint: checkpoint_args, the TP check
                (Megatron's rule, config.tp_divisibility_error), heads/groups against the model
@@ -32,15 +36,22 @@ Modules:
 
 Errors are `CheckpointError` (a ValueError) or `CheckpointNotFoundError` (also a FileNotFoundError).
 `load_checkpoint` raises on EVERY rank when any rank fails: after each local step the ranks all-reduce
-a failure flag (gloo) and, on failure, all raise the failing rank's message. Checkpoint files are
-pickles (as Megatron loads them): load only checkpoints you trust.
+a failure flag (gloo) and, on failure, all raise the failing rank's message.
+
+Pickles: checkpoint files are pickles, and unpickling can run any code a file names. Every one is
+read with torch's weights_only unpickler allowing torch's own types and exactly the types Megatron
+and DeepSpeed checkpoints hold (unpickle.CHECKPOINT_GLOBALS: argparse.Namespace, Megatron's enums,
+numpy RNG state, ...); anything else raises `UnsafeCheckpointError` (a CheckpointError) naming the
+type and the file. `trust_checkpoint=True` unpickles fully, as Megatron-LM does: only for
+checkpoints you trust.
 """
 
 from .find import CheckpointError, CheckpointInfo, CheckpointNotFoundError, find_checkpoint
 from .keys import canonical_name, is_ignored_key
 from .load import load_checkpoint
 from .stored_args import check_tp, checkpoint_args
+from .unpickle import CHECKPOINT_GLOBALS, UnsafeCheckpointError
 
 __all__ = ["load_checkpoint", "checkpoint_args", "find_checkpoint", "CheckpointError",
            "CheckpointNotFoundError", "CheckpointInfo", "canonical_name", "is_ignored_key",
-           "check_tp"]
+           "check_tp", "UnsafeCheckpointError", "CHECKPOINT_GLOBALS"]

@@ -4,14 +4,10 @@ size and the args stored with it; the checkpoint errors and the torch.load of on
 from __future__ import annotations
 
 import os
-import pickle
 import re
-import types
 from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Optional
-
-import torch
 
 FORMATS = ("torch", "torch_dist", "deepspeed")
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
@@ -42,6 +38,8 @@ class CheckpointInfo:
     # `common_state` entry, as megatron-core 0.19 writes it (no common.pt); None for other formats
     common_state: Optional[str] = None
     common: Optional[dict] = field(default=None, repr=False)  # torch_dist: that common state
+    # the user trusts the checkpoint: its pickles are unpickled fully (unpickle.py), not allowlisted
+    trust_checkpoint: bool = False
 
 
 def _brief(error: BaseException) -> str:
@@ -135,45 +133,20 @@ def _shard_files(directory: str, fmt: str) -> list:
     return [files[r] for r in range(len(files))]
 
 
-class _LenientUnpickler(pickle.Unpickler):
-    """Old Megatron checkpoints pickle classes of modules that no longer exist (loss scalers,
-    `megatron.model` enums): stand-ins let the model weights load."""
+def _torch_load(path: str, trust_checkpoint: bool = False) -> dict:
+    """torch.load of a Megatron/DeepSpeed checkpoint file, allowlisted unless trusted
+    (unpickle.torch_load_file)."""
+    from .unpickle import torch_load_file
 
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (), {"__module__": module, "__init__": lambda self, *a, **k: None,
-                                   "__setstate__": lambda self, state: None})
+    return torch_load_file(path, trust_checkpoint)
 
 
-_lenient_pickle = types.SimpleNamespace(Unpickler=_LenientUnpickler, load=pickle.load,
-                                        __name__="pickle")
-
-
-def _torch_load(path: str) -> dict:
-    """torch.load of a Megatron/DeepSpeed file (pickled args): memory-mapped where possible."""
-    if not os.path.isfile(path):
-        raise CheckpointNotFoundError(f"checkpoint file {path} is missing")
-    errors = []
-    for kw in (dict(mmap=True), dict(), dict(pickle_module=_lenient_pickle)):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False, **kw)
-            break
-        except Exception as e:  # truncated zip, legacy non-zip file, missing pickled class
-            errors.append(e)
-    else:
-        error = errors[1]  # the plain torch.load's
-        raise CheckpointError(f"cannot read checkpoint file {path} (truncated or corrupt?): "
-                              f"{_brief(error)}") from error
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint file {path} holds a {type(state).__name__}, not a dict")
-    return state
-
-
-def find_checkpoint(load_dir: str, ckpt_format: str = "auto") -> CheckpointInfo:
+def find_checkpoint(load_dir: str, ckpt_format: str = "auto",
+                    trust_checkpoint: bool = False) -> CheckpointInfo:
     """The checkpoint that `load_dir` names (Megatron tracker, DeepSpeed `latest`, or the
-    iteration directory itself), its format, saved TP and stored args. Local: no collectives."""
+    iteration directory itself), its format, saved TP and stored args. Local: no collectives.
+    Its pickles are read with an allowlist of the types checkpoints hold (unpickle.py); only
+    `trust_checkpoint=True` unpickles them fully, which runs any code they name."""
     if ckpt_format not in ("auto",) + FORMATS:
         raise CheckpointError(f"unknown checkpoint format {ckpt_format!r}: choose auto, "
                               + ", ".join(FORMATS))
@@ -218,11 +191,11 @@ def find_checkpoint(load_dir: str, ckpt_format: str = "auto") -> CheckpointInfo:
         raise CheckpointError(f"--ckpt-format {ckpt_format} was asked for, but {directory} holds a "
                               f"{fmt} checkpoint")
     info = CheckpointInfo(format=fmt, directory=directory, load_dir=load_dir, iteration=iteration,
-                          tag=tag)
+                          tag=tag, trust_checkpoint=trust_checkpoint)
     if fmt == "torch_dist":  # common state: common.pt (mcore 0.16) or inside the .distcp (0.19)
         from .torch_dist import read_common_state
 
-        common, info.common_state = read_common_state(directory)
+        common, info.common_state = read_common_state(directory, trust_checkpoint)
         info.common = common
         info.args = common.get("args")
         info.checkpoint_version = common.get("checkpoint_version")
@@ -232,7 +205,7 @@ def find_checkpoint(load_dir: str, ckpt_format: str = "auto") -> CheckpointInfo:
     else:
         info.files = _shard_files(directory, fmt)
         info.tp = len(info.files)
-        first = _torch_load(info.files[0])
+        first = _torch_load(info.files[0], trust_checkpoint)
         info.args = first.get("args")
         info.checkpoint_version = first.get("checkpoint_version")
         if fmt == "deepspeed" and first.get("mp_world_size") not in (None, info.tp):

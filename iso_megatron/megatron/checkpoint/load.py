@@ -4,6 +4,7 @@ ranks all-reduce a failure flag (gloo) and, on failure, all raise the failing ra
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -15,12 +16,15 @@ from .keys import _sample, is_ignored_key
 from .reshard import _resharded_state_dict
 from .stored_args import _args_dict, _check_config, check_tp
 from .torch_dist import _dcp_message, _dist_request, find_corrupt_distcp
+from .unpickle import UnsafeCheckpointError, allowlisted_dcp_reads
 
 # ---------------------------------------------------------------------------------------------
 # Every rank agrees
 # ---------------------------------------------------------------------------------------------
 
 _gloo_group = None
+_ERRORS = {"not_found": CheckpointNotFoundError, "error": CheckpointError,
+           "unsafe": UnsafeCheckpointError}
 
 
 def _agreement_group():
@@ -33,6 +37,8 @@ def _agreement_group():
 
 
 def _describe(error: BaseException):
+    if isinstance(error, UnsafeCheckpointError):
+        return "unsafe", str(error)
     if isinstance(error, CheckpointNotFoundError) or (
             isinstance(error, FileNotFoundError) and not isinstance(error, CheckpointError)):
         return "not_found", str(error)
@@ -46,7 +52,7 @@ def _agree(error: Optional[BaseException]) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         if error is not None:
             kind, msg = _describe(error)
-            raise (CheckpointNotFoundError if kind == "not_found" else CheckpointError)(msg) from error
+            raise _ERRORS[kind](msg) from error
         return
     group = _agreement_group()
     flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
@@ -58,8 +64,7 @@ def _agree(error: Optional[BaseException]) -> None:
     failed = [r for r, x in enumerate(reports) if x is not None]
     kind, msg = reports[failed[0]]
     where = f"rank {failed[0]}" if len(failed) == 1 else f"ranks {', '.join(map(str, failed))}"
-    cls = CheckpointNotFoundError if kind == "not_found" else CheckpointError
-    raise cls(f"{msg} [checkpoint load failed on {where}]") from error
+    raise _ERRORS[kind](f"{msg} [checkpoint load failed on {where}]") from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,30 +79,44 @@ def _load_into(model, state: dict, where: str) -> None:
                               f"{_sample(missing)}, unexpected keys {_sample(result.unexpected_keys)}")
 
 
-def _common_strategy(info: CheckpointInfo) -> dict:
-    """dist_checkpointing.load's keyword for the common state. megatron-core 0.19 reads it by
-    itself from either layout (common.pt, or the `common_state` entry of the .distcp files);
-    0.16's default strategy reads common.pt only, so it is given the common state find_checkpoint
-    already read (from either layout)."""
+@contextlib.contextmanager
+def _preloaded_common_state(info: CheckpointInfo):
+    """dist_checkpointing.load with the common state find_checkpoint already read (allowlisted,
+    from either layout), yielding load's keywords. megatron-core 0.16's default strategy reads
+    common.pt only, so it is handed over as `common_strategy`; 0.19's `load` has no such keyword
+    and reads it itself (the .distcp entry through torch's DefaultLoadPlanner, which unpickles it
+    with weights_only=False), so its `load_common_state_dict` returns this one meanwhile."""
+    from megatron.core.dist_checkpointing import serialization
+
     from ..compat import dist_load_reads_common_from_distcp
 
-    if dist_load_reads_common_from_distcp():
-        return {}
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
-
     common = info.common
+    if not dist_load_reads_common_from_distcp():
+        from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 
-    class PreloadedCommon(TorchCommonLoadStrategy):
-        def load_common(self, checkpoint_dir):
-            return dict(common)
+        class PreloadedCommon(TorchCommonLoadStrategy):
+            def load_common(self, checkpoint_dir):
+                return dict(common)
 
-    return {"common_strategy": PreloadedCommon()}
+        yield {"common_strategy": PreloadedCommon()}
+        return
+    saved = serialization.load_common_state_dict
+    serialization.load_common_state_dict = lambda checkpoint_dir: dict(common)
+    try:
+        yield {}
+    finally:
+        serialization.load_common_state_dict = saved
 
 
-def load_checkpoint(model, load_dir: str, ckpt_format: str = "auto") -> CheckpointInfo:
+def load_checkpoint(model, load_dir: str, ckpt_format: str = "auto",
+                    trust_checkpoint: bool = False) -> CheckpointInfo:
     """Load the checkpoint in `load_dir` into a built megatron-core GPTModel (stock or ISO;
     DDP/Float16Module/DeepSpeed wrappers are unwrapped via `.module`) at the current
     tensor-parallel size of megatron's parallel_state, whatever TP it was saved at.
+
+    Its pickles are read with an allowlist of the types Megatron/DeepSpeed checkpoints hold
+    (unpickle.py): anything else raises UnsafeCheckpointError. `trust_checkpoint=True` unpickles
+    them fully, as Megatron-LM does, which runs any code they name: only for trusted checkpoints.
 
     Collective: call on every rank of the world. Raises CheckpointError / CheckpointNotFoundError
     on every rank if any rank fails, before any rank goes on to the next collective step."""
@@ -112,7 +131,7 @@ def load_checkpoint(model, load_dir: str, ckpt_format: str = "auto") -> Checkpoi
 
     info, request, error = None, None, None
     try:
-        info = find_checkpoint(load_dir, ckpt_format)
+        info = find_checkpoint(load_dir, ckpt_format, trust_checkpoint)
         check_tp(_args_dict(info.args), tp, f"the checkpoint in {info.directory}")
         if info.format == "torch_dist":
             request = _dist_request(model, info)
@@ -129,10 +148,12 @@ def load_checkpoint(model, load_dir: str, ckpt_format: str = "auto") -> Checkpoi
         from megatron.core import dist_checkpointing
 
         error = None
-        try:
-            loaded = dist_checkpointing.load(request, info.directory, **_common_strategy(info))
+        try:  # megatron-core reads .metadata (and any bytes entry) itself: allowlisted
+            with allowlisted_dcp_reads(info.trust_checkpoint), \
+                    _preloaded_common_state(info) as common_kw:
+                loaded = dist_checkpointing.load(request, info.directory, **common_kw)
         except (Exception, CheckpointException) as e:  # DCP's is a BaseException  # noqa: BLE001
-            corrupt = find_corrupt_distcp(info.directory)  # which file, where it can tell
+            corrupt = find_corrupt_distcp(info.directory, info.trust_checkpoint)  # which file
             error = CheckpointError(f"reading the torch_dist checkpoint in {info.directory} failed"
                                     + (f": {corrupt} ({_dcp_message(e)})" if corrupt else
                                        f" (corrupt file?): {_dcp_message(e)}"))

@@ -85,7 +85,7 @@ def _resharded_state_dict(model, info: CheckpointInfo, tp: int, rank: int) -> di
 
     shards = {}
     for q in _needed_ranks(saved_tp, tp, rank):
-        state = _torch_load(info.files[q])
+        state = _torch_load(info.files[q], info.trust_checkpoint)
         if container not in state:
             other = [k for k in state if re.fullmatch(r"model\d+", str(k))]
             why = " (virtual-pipeline checkpoint: not supported)" if other else ""

@@ -54,11 +54,12 @@ def check_tp(stored: Optional[dict], tp: int, where: str = "the checkpoint") -> 
 
 
 def checkpoint_args(load_dir: str, tensor_model_parallel_size: Optional[int] = None,
-                    ckpt_format: str = "auto") -> Optional[dict]:
+                    ckpt_format: str = "auto", trust_checkpoint: bool = False) -> Optional[dict]:
     """Model arguments stored in the checkpoint (Megatron-LM names, see STORED_ARGS), or None
     when it stores none (plain DeepSpeed engine checkpoints). With `tensor_model_parallel_size`,
-    also raise when that TP cannot hold the stored model. Local: no collectives."""
-    info = find_checkpoint(load_dir, ckpt_format)
+    also raise when that TP cannot hold the stored model. Local: no collectives. The pickle
+    holding them is read with an allowlist unless `trust_checkpoint` (see find_checkpoint)."""
+    info = find_checkpoint(load_dir, ckpt_format, trust_checkpoint)
     stored = _args_dict(info.args)
     if tensor_model_parallel_size is not None:
         check_tp(stored, tensor_model_parallel_size, f"the checkpoint in {info.directory}")

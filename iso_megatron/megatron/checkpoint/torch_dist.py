@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 from typing import Optional, Tuple
 
 import torch
 
 from .find import CheckpointError, CheckpointInfo, CheckpointNotFoundError, _brief, _torch_load
 from .keys import _mismatch, is_ignored_key
+from .unpickle import (UnsafeCheckpointError, _weights_only_detail, allowlisted_dcp_reads,
+                       dcp_reader, keep_bytes_planner, read_dcp_metadata, torch_load)
 
 _MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 COMMON_PT = "common.pt"            # megatron-core 0.16's file for the common state
@@ -29,16 +32,17 @@ COMMON_STATE_KEY = "common_state"  # megatron-core 0.19's entry for it in the .d
 DCP_METADATA = ".metadata"         # torch.distributed.checkpoint's index of the .distcp files
 
 
-def _dcp_metadata(directory: str):
-    """torch.distributed.checkpoint's Metadata (.metadata: keys, shapes, file offsets)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
+def _dcp_metadata(directory: str, trust_checkpoint: bool = False):
+    """torch.distributed.checkpoint's Metadata (.metadata: keys, shapes, file offsets), read with
+    torch.distributed.checkpoint's own metadata classes allowed only (unpickle.py)."""
     path = os.path.join(directory, DCP_METADATA)
     if not os.path.isfile(path):
         raise CheckpointNotFoundError(f"torch_dist metadata file {path} is missing (incomplete "
                                       "checkpoint?)")
     try:
-        return FileSystemReader(directory).read_metadata()
+        return read_dcp_metadata(directory, trust_checkpoint)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 - a pickle: anything can go wrong
         raise CheckpointError(f"cannot read the torch_dist metadata file {path} (truncated or "
                               f"corrupt?): {_brief(e)}") from e
@@ -52,19 +56,22 @@ def _common_state_entry(metadata) -> Optional[Tuple[str, object]]:
     return None
 
 
-def read_common_state(directory: str) -> Tuple[dict, str]:
+def read_common_state(directory: str, trust_checkpoint: bool = False) -> Tuple[dict, str]:
     """(the common state dict, the file it was read from, relative to `directory`) of the
     torch_dist checkpoint in `directory`: `common.pt` (megatron-core 0.16's layout) or the .distcp
-    file holding its `common_state` entry (0.19's). Local: no collectives."""
+    file holding its `common_state` entry (0.19's). Local: no collectives. Its pickle is read with
+    an allowlist (unpickle.py) unless `trust_checkpoint`."""
     path = os.path.join(directory, COMMON_PT)
     if os.path.exists(path):
         try:
-            return _torch_load(path), COMMON_PT
+            return _torch_load(path, trust_checkpoint), COMMON_PT
+        except UnsafeCheckpointError:
+            raise
         except CheckpointError as e:
             detail = _brief(e.__cause__) if e.__cause__ is not None else str(e)
             raise CheckpointError(f"cannot read the torch_dist common state file {path} (Megatron "
                                   f"args, iteration; truncated or corrupt?): {detail}") from e
-    metadata = _dcp_metadata(directory)
+    metadata = _dcp_metadata(directory, trust_checkpoint)
     entry = _common_state_entry(metadata)
     if entry is None:
         raise CheckpointError(
@@ -76,20 +83,24 @@ def read_common_state(directory: str) -> Tuple[dict, str]:
     holder = os.path.join(directory, item.relative_path)
     _check_distcp_sizes(directory, metadata, holder=item.relative_path)  # truncated: named
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.api import CheckpointException
 
     where = (f"the torch_dist common state (Megatron args, iteration: the '{COMMON_STATE_KEY}' "
              f"entry, bytes {item.offset}..{item.offset + item.length}) in {holder}")
     state = {key: io.BytesIO()}
-    try:  # as megatron-core 0.19's load_common_state_dict: this process alone, no collectives
-        dcp.load(state, storage_reader=FileSystemReader(directory), no_dist=True)
-    except (Exception, CheckpointException) as e:  # DCP's is a BaseException  # noqa: BLE001
-        raise CheckpointError(f"cannot read {where} (corrupt?): {_dcp_message(e)}") from e
-    value = state[key]
-    if isinstance(value, io.BytesIO):  # older torch: the raw bytes of torch.save([state])
+    try:  # as megatron-core 0.19's load_common_state_dict: this process alone, no collectives;
+        # the entry's bytes are kept (torch's DefaultLoadPlanner would unpickle them fully)
+        dcp.load(state, storage_reader=dcp_reader(directory, trust_checkpoint),
+                 planner=keep_bytes_planner(), no_dist=True)
+        value = state[key]
         value.seek(0)
-        value = torch.load(value, map_location="cpu", weights_only=False)
+        value = torch_load(value, where, trust_checkpoint)  # torch.save([state]) of rank 0
+    except UnsafeCheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException  # noqa: BLE001
+        detail = (_dcp_message(e) if isinstance(e, CheckpointException) else
+                  _weights_only_detail(e) if isinstance(e, pickle.UnpicklingError) else _brief(e))
+        raise CheckpointError(f"cannot read {where} (corrupt?): {detail}") from e
     if isinstance(value, (list, tuple)) and len(value) == 1:  # a ShardedObject's data: [state]
         value = value[0]
     if not isinstance(value, dict):
@@ -112,9 +123,12 @@ def _dist_request(model, info: CheckpointInfo) -> dict:
     for sh in nested_values(probe):
         if isinstance(sh, ShardedTensor):
             expected[sh.key] = tuple(sh.global_shape)
-    metadata = _dcp_metadata(info.directory)
-    try:
-        saved = dist_checkpointing.load_tensors_metadata(info.directory)
+    metadata = _dcp_metadata(info.directory, info.trust_checkpoint)
+    try:  # megatron-core reads .metadata itself: through the allowlist (unpickle.py)
+        with allowlisted_dcp_reads(info.trust_checkpoint):
+            saved = dist_checkpointing.load_tensors_metadata(info.directory)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"cannot read the torch_dist metadata in {info.directory} (.metadata "
                               f"truncated or corrupt?): {_brief(e)}") from e
@@ -132,11 +146,9 @@ def _dist_request(model, info: CheckpointInfo) -> dict:
     return request()
 
 
-def _check_distcp_sizes(directory: str, metadata=None, holder: Optional[str] = None) -> None:
+def _check_distcp_sizes(directory: str, metadata, holder: Optional[str] = None) -> None:
     """Every data file the metadata points into exists and is long enough (names the file;
     `holder`, the one holding the common state, is said to hold it)."""
-    if metadata is None:
-        metadata = _dcp_metadata(directory)
     ends = {}
     for item in (metadata.storage_data or {}).values():
         path = getattr(item, "relative_path", None)
@@ -154,13 +166,13 @@ def _check_distcp_sizes(directory: str, metadata=None, holder: Optional[str] = N
                                   f"needs {end}")
 
 
-def find_corrupt_distcp(directory: str) -> Optional[str]:
+def find_corrupt_distcp(directory: str, trust_checkpoint: bool = False) -> Optional[str]:
     """After a failed read: which .distcp file holds an unreadable tensor, said in a sentence
     (None when every tensor entry reads). Each tensor entry is a torch.save of its own."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = _dcp_metadata(directory)
+        metadata = _dcp_metadata(directory, trust_checkpoint)
     except CheckpointError as e:
         return str(e)
     by_file = {}
