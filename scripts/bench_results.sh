@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark figure of docs/bench_results.md, from the repo root (about 25 minutes on a
+# Every benchmark figure of docs/bench_results.md, from the repo root (about 20 minutes on a
 # 2-core CPU): three launch/bench.py runs, then their tables. Each run exits non-zero when a
 # record breaks one of the bench's own checks (ISO compute vs stock beyond 5%, a time reduction
 # beyond the same-run bound, ISO peak memory above 1.05 x stock); this script reports every
