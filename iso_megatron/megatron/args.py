@@ -105,8 +105,11 @@ def check_args(args, world_size: int) -> List[str]:
     """Megatron-style messages for flags that can't work together (empty when all is well)."""
     errors = []
     for name in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"):
-        if getattr(args, name) is None:
-            errors.append(f"--{name.replace('_', '-')} is required (or --load with --use-checkpoint-args)")
+        # Megatron-LM: --max-position-embeddings defaults to --seq-length (complete_args)
+        if getattr(args, name) is None and not (name == "max_position_embeddings" and args.seq_length):
+            flag = "--max-position-embeddings (or --seq-length)" if name == "max_position_embeddings" \
+                else f"--{name.replace('_', '-')}"
+            errors.append(f"{flag} is required (or --load with --use-checkpoint-args)")
     if errors:
         return errors
     tp = args.tensor_model_parallel_size
