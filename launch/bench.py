@@ -587,7 +587,7 @@ class Bench:
 
     def memory_pass(self, records):
         """Peak memory of baseline and of each plan measured, once per (prompt, boundaries),
-        after all timing (the malloc setting it needs would slow the timed runs)."""
+        after all timing (the profiler it runs under would slow the timed runs)."""
         from iso_megatron.emulated import EmulatedLink
         from iso_megatron.proxy import ProxyLink
 
