@@ -57,7 +57,7 @@ repetitions (`cli.time_ms`). Each record has:
   model_compute_error                the cost model's compute prediction (calibrated rates)
                                      against the measured ISO compute
   problems                           compute beyond the tolerance, a time reduction beyond the
-                                     bound's by more than the spread, ISO peak memory > 1.05 x
+                                     bound's by more than the spread (at least 2%), ISO peak memory > 1.05 x
                                      stock's; any problem: the run prints it and exits 2 (after
                                      writing the JSON and the plot)
 What ISO ran is read from the block (`model.decoder.iso_plan`), and the compute-only twin
@@ -94,6 +94,10 @@ FIELDS = ("profile", "seq_len", "tp", "split", "num_chunks", "baseline_ms", "iso
           "problems")
 COMPUTE_TOLERANCE = 0.05  # ISO's compute against stock's, either way (issue 11)
 MEMORY_TOLERANCE = 0.05   # ISO's peak memory against stock's
+# the bound check's noise: the repetitions' spread, but at least this (one repetition has no
+# spread, and the bound's compute comes from other runs than the timed ones: 0.3% beyond it
+# with one repetition tripped a CI run)
+BOUND_NOISE_FLOOR = 0.02
 SPLITS = ("even", "balanced", "auto")
 # the bench's default model (docs/bench_results.md): Llama style, GQA 8 heads / 4 groups
 DEFAULT_MODEL = dict(num_layers=8, hidden_size=512, ffn_hidden_size=1408, num_attention_heads=8,
@@ -652,7 +656,7 @@ def problems(rec, compute_tolerance: float = COMPUTE_TOLERANCE):
                artefact (ISO cannot compute less), not overlap; above, chunking overhead,
                reported (and to be attacked)
       bound    ISO saved more than its own schedule's perfect overlap allows, beyond the
-               repetitions' spread: the measurement is broken somewhere
+               repetitions' spread (at least 2%): the measurement is broken somewhere
       memory   ISO's peak memory above 1.05 x stock's
     """
     out = []
@@ -663,9 +667,11 @@ def problems(rec, compute_tolerance: float = COMPUTE_TOLERANCE):
                    f"{compute_tolerance:.0%} and the spread) "
                    + ("below stock: a measurement artefact, not overlap" if rec["compute_ratio"] < 1
                       else "above stock: chunking overhead"))
-    if rec["time_reduction"] > rec["bound_reduction"] + rec["spread"]:
+    noise = max(rec["spread"], BOUND_NOISE_FLOOR)
+    if rec["time_reduction"] > rec["bound_reduction"] + noise:
         out.append(f"bound: time reduction {rec['time_reduction']:+.1%} beyond the same-run bound's "
-                   f"{rec['bound_reduction']:+.1%} by more than the spread {rec['spread']:.1%}")
+                   f"{rec['bound_reduction']:+.1%} by more than the noise {noise:.1%} (the spread, "
+                   f"at least {BOUND_NOISE_FLOOR:.0%})")
     mem = rec.get("peak_mem_ratio")
     if mem is not None and mem > 1 + MEMORY_TOLERANCE:
         out.append(f"memory: ISO peak {mem:.3f} x stock's")
