@@ -16,12 +16,11 @@ import os
 
 import pytest
 
-hypothesis = pytest.importorskip("hypothesis", reason="the fuzz test needs hypothesis (pip install -e .[test])")
-from hypothesis import Phase, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import Phase, given, settings  # a declared test dependency: never skipped
+from hypothesis import strategies as st
 
-from tests.harness import run_ranks  # noqa: E402
-from tests.ranks import FP32_REL_TOL  # noqa: E402
+from tests.harness import run_ranks
+from tests.ranks import FP32_REL_TOL
 
 # examples per TP size in CI (TP 4 is 4 processes on 2 cores: fewer there)
 _N = int(os.environ.get("ISO_FUZZ_EXAMPLES", 80))
