@@ -14,7 +14,12 @@ embedding / output layer is left out (the same with and without ISO).
 Boundaries come from `planner.chunk_boundaries` (rounded to 64-token tiles where the prompt is
 long enough), so a prediction is of the chunks that run.
 
-`simulate` runs `schedule.prefill_schedule` on two resources, the compute stream and the link.
+`simulate` runs the executor's schedule (`schedule.prefill_schedule`, or for parallel-residual
+models `schedule.parallel_prefill_schedule`, whose one `MERGED` step per layer chunk costs the
+attention and MLP computes and ONE all-reduce) on two resources, the compute stream and the link.
+A model is parallel-residual where its shape says so (`ModelShape.parallel_residual`; the
+presets are sequential); the baseline is always
+stock's sequential schedule (stock AutoTP reduces attention and MLP separately).
 While an all-reduce is in flight, compute runs at (1 - s) of its speed, s = the device's
 `contention` (NCCL's kernels hold SMs of their own; see DEVICES for the cited values); s = 0:
 the two resources do not slow each other down. Times are seconds inside, ms in results.
@@ -35,7 +40,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from .schedule import PARTS, Step, prefill_schedule
+from .schedule import MERGED, PARTS, Step, schedule_for
 from .planner import Split, chunk_boundaries
 from .shape import ModelShape, TokenCost
 
@@ -321,6 +326,16 @@ def _slowed_finish(start: float, work: float, busy: List[Tuple[float, float]], f
     return t, first
 
 
+def part_cost(step_costs: Mapping[Tuple[str, int], PartCost], part: str, chunk: int) -> PartCost:
+    """The cost of one step's part of one chunk: a `MERGED` part (parallel residual) not given
+    on its own computes attention and MLP and does ONE all-reduce of the same size as either's."""
+    key = (part, chunk)
+    if part != MERGED or key in step_costs:
+        return step_costs[key]
+    attn, mlp = step_costs[("attn", chunk)], step_costs[("mlp", chunk)]
+    return PartCost(attn.compute_s + mlp.compute_s, attn.comm_s)
+
+
 def simulate(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int], PartCost],
              contention: float = 0.0) -> float:
     """Seconds to run the steps on one compute stream and one link (transfers queue in order).
@@ -340,15 +355,15 @@ def simulate(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int]
     for s in schedule_steps:
         key = (s.layer, s.part, s.chunk)
         if s.op == "compute":
+            work = part_cost(step_costs, s.part, s.chunk).compute_s
             if rate == 1.0:
-                compute_free += step_costs[(s.part, s.chunk)].compute_s
+                compute_free += work
             else:
-                compute_free, first = _slowed_finish(compute_free, step_costs[(s.part, s.chunk)].compute_s,
-                                                     busy, first, rate)
+                compute_free, first = _slowed_finish(compute_free, work, busy, first, rate)
             computed[key] = compute_free
         elif s.op == "reduce":
             start = max(computed[key], link_free)
-            link_free = start + step_costs[(s.part, s.chunk)].comm_s
+            link_free = start + part_cost(step_costs, s.part, s.chunk).comm_s
             if link_free > start:
                 busy.append((start, link_free))
             reduced[key] = link_free
@@ -360,13 +375,21 @@ def simulate(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int]
 
 
 @lru_cache(maxsize=64)
-def _schedule(num_layers: int, num_chunks: int) -> Tuple[Step, ...]:
-    return tuple(prefill_schedule(num_layers, num_chunks))
+def _schedule(num_layers: int, num_chunks: int, parallel_residual: bool = False) -> Tuple[Step, ...]:
+    return tuple(schedule_for(num_layers, num_chunks, parallel_residual))
 
 
-def _time(model, device, link, tp, boundaries, batch, dtype_bytes) -> float:
+def is_parallel_residual(model: ModelShape) -> bool:
+    return model.parallel_residual
+
+
+def _time(model, device, link, tp, boundaries, batch, dtype_bytes, stock: bool = False) -> float:
+    """ISO's schedule over `boundaries`, or with stock=True stock's (sequential, one chunk)."""
+    if stock:
+        boundaries = [boundaries[0], boundaries[-1]]
     costs = step_costs(model, device, link, tp, boundaries, batch, dtype_bytes)
-    return simulate(_schedule(model.num_layers, len(boundaries) - 1), costs, device.contention)
+    merged = is_parallel_residual(model) and not stock
+    return simulate(_schedule(model.num_layers, len(boundaries) - 1, merged), costs, device.contention)
 
 
 # ---------------------------------------------------------------- predictions and plans
@@ -401,10 +424,11 @@ def predict(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int
     if boundaries[0] != 0 or boundaries[-1] != seq_len or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
         raise ValueError(f"boundaries must rise strictly from 0 to seq_len={seq_len}, got {boundaries}")
     costs = step_costs(model, device, link, tp, boundaries, batch, dtype_bytes)
-    iso = simulate(_schedule(model.num_layers, len(boundaries) - 1), costs, device.contention)
-    base = _time(model, device, link, tp, [0, seq_len], batch, dtype_bytes)
+    merged = is_parallel_residual(model)
+    iso = simulate(_schedule(model.num_layers, len(boundaries) - 1, merged), costs, device.contention)
+    base = _time(model, device, link, tp, [0, seq_len], batch, dtype_bytes, stock=True)
     compute = model.num_layers * sum(c.compute_s for c in costs.values())
-    comm = model.num_layers * sum(c.comm_s for c in costs.values())
+    comm = model.num_layers * sum(c.comm_s for (part, _), c in costs.items() if not (merged and part == "mlp"))
     return Prediction(base * 1e3, iso * 1e3, compute * 1e3, comm * 1e3, max(compute, comm) * 1e3)
 
 
@@ -428,7 +452,7 @@ def best_plan(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: i
     leaves out (kernel launches, stream syncs); ties go to fewer chunks.
     """
     run = lambda bounds: _time(model, device, link, tp, bounds, batch, dtype_bytes)
-    base = run([0, seq_len])
+    base = _time(model, device, link, tp, [0, seq_len], batch, dtype_bytes, stock=True)
     best = Plan(1, [0, seq_len], base * 1e3, base * 1e3)
     tc = token_cost(model)
     for k in range(2, min(max_chunks, seq_len) + 1):

@@ -18,6 +18,16 @@ right before the first compute that reads it. So every all-reduce is in flight w
 chunk computes, and the last chunk's MLP all-reduce of layer L overlaps the first chunk's
 attention of layer L+1. The causal dependency (chunk i attends to the keys/values of 0..i) is
 met because chunk i's attention always comes after chunk 0..i-1's at the same layer.
+
+Parallel residual (GPT-NeoX/Pythia, GPT-J, Falcon, Phi: attention and MLP read the same layer
+input and both land on the same residual) has one part per layer, `MERGED`: its compute runs the
+chunk's attention and MLP and adds their two partial sums locally, so ONE all-reduce per layer
+chunk carries both (stock AutoTP reduces each separately: two per layer). Per layer:
+
+  layer(0) layer(1) ... layer(K-1)
+
+(`parallel_prefill_schedule`); each reduce overlaps the next chunk's compute, the last chunk's
+the next layer's first chunk. At K = 1 nothing overlaps but the reduces are halved.
 """
 
 from __future__ import annotations
@@ -25,12 +35,13 @@ from __future__ import annotations
 from typing import Any, List, NamedTuple, Optional, Protocol, Tuple
 
 PARTS = ("attn", "mlp")
+MERGED = "attn+mlp"  # a parallel-residual layer's one part: attention and MLP, one reduce
 
 
 class Step(NamedTuple):
     op: str  # "compute" | "reduce" | "finish"
     layer: int
-    part: str  # "attn" | "mlp"
+    part: str  # "attn" | "mlp" | MERGED
     chunk: int
 
 
@@ -55,16 +66,41 @@ def prefill_schedule(num_layers: int, num_chunks: int) -> List[Step]:
     return steps
 
 
+def parallel_prefill_schedule(num_layers: int, num_chunks: int) -> List[Step]:
+    """The prefill's steps for parallel-residual layers: one `MERGED` part per layer chunk."""
+    if num_layers < 1 or num_chunks < 1:
+        raise ValueError(f"need num_layers >= 1 and num_chunks >= 1, got {num_layers}, {num_chunks}")
+    steps: List[Step] = []
+    for layer in range(num_layers):
+        for c in range(num_chunks):
+            if layer > 0:  # chunk c's output of the previous layer is first read here
+                steps.append(Step("finish", layer - 1, MERGED, c))
+            steps += [Step("compute", layer, MERGED, c), Step("reduce", layer, MERGED, c)]
+    steps += [Step("finish", num_layers - 1, MERGED, c) for c in range(num_chunks)]
+    return steps
+
+
+def schedule_for(num_layers: int, num_chunks: int, parallel_residual: bool = False) -> List[Step]:
+    """The schedule the executor walks: `parallel_prefill_schedule` for parallel-residual
+    layers, else `prefill_schedule`."""
+    make = parallel_prefill_schedule if parallel_residual else prefill_schedule
+    return make(num_layers, num_chunks)
+
+
 def check_schedule(steps: List[Step]) -> None:
-    """Assert the invariants the executor relies on (used by tests and the cost model)."""
+    """Assert the invariants the executor relies on (used by tests and the cost model): every
+    step's inputs are ready, and every compute is reduced and finished exactly once."""
     done = set()
     for s in steps:
         key = (s.layer, s.part, s.chunk)
+        assert s.part in PARTS + (MERGED,), s
+        assert (s.op,) + key not in done, s  # each step once
         if s.op == "compute":
-            if s.part == "attn":
-                # needs its own input (previous layer's mlp finished) and earlier chunks' K/V
-                assert s.layer == 0 or ("finish", s.layer - 1, "mlp", s.chunk) in done, s
-                assert all(("compute", s.layer, "attn", c) in done for c in range(s.chunk)), s
+            if s.part in ("attn", MERGED):
+                # needs its own input (previous layer's last part finished) and earlier chunks' K/V
+                last = MERGED if s.part == MERGED else "mlp"
+                assert s.layer == 0 or ("finish", s.layer - 1, last, s.chunk) in done, s
+                assert all(("compute", s.layer, s.part, c) in done for c in range(s.chunk)), s
             else:
                 assert ("finish", s.layer, "attn", s.chunk) in done, s
         elif s.op == "reduce":
@@ -74,6 +110,8 @@ def check_schedule(steps: List[Step]) -> None:
         else:
             raise AssertionError(f"unknown op {s.op!r}")
         done.add((s.op,) + key)
+    computed = {d[1:] for d in done if d[0] == "compute"}
+    assert computed == {d[1:] for d in done if d[0] == "finish"}, "a compute is never finished"
 
 
 # ---- the executor ---------------------------------------------------------------------------
@@ -90,6 +128,11 @@ class ChunkOps(Protocol):
 
     def mlp(self, layer: int, chunk: int, hidden: Any) -> Tuple[Any, Optional[Any]]: ...
 
+    def attention_mlp(self, layer: int, chunk: int, hidden: Any) -> Tuple[Any, Optional[Any]]:
+        """Parallel residual only (`run_prefill(..., parallel_residual=True)`): attention and MLP
+        of the same input, their partial sums added locally; finish then gets part MERGED."""
+        ...
+
     def finish(self, layer: int, part: str, partial: Any, bias: Optional[Any], residual: Any) -> Any: ...
 
 
@@ -100,8 +143,16 @@ class Reducer(Protocol):
     def start(self, tensor: Any) -> Any: ...
 
 
-def run_prefill(ops: ChunkOps, num_layers: int, chunks: List[Any], reducer: Reducer) -> List[Any]:
-    """Walk `prefill_schedule(num_layers, len(chunks))` over the chunks' hidden states.
+def _compute_of(ops: ChunkOps, part: str):
+    if part == MERGED:
+        return ops.attention_mlp
+    return ops.attention if part == "attn" else ops.mlp
+
+
+def run_prefill(ops: ChunkOps, num_layers: int, chunks: List[Any], reducer: Reducer,
+                parallel_residual: bool = False) -> List[Any]:
+    """Walk `schedule_for(num_layers, len(chunks), parallel_residual)` over the chunks' hidden
+    states (parallel_residual: `ops.attention_mlp` computes each layer chunk, one reduce).
 
     Returns the output hidden states, chunk by chunk. If a step raises, every reduce already
     started is waited for before the exception leaves: no collective is left in flight.
@@ -109,11 +160,10 @@ def run_prefill(ops: ChunkOps, num_layers: int, chunks: List[Any], reducer: Redu
     chunks = list(chunks)
     in_flight = {}  # (layer, part, chunk) -> [partial sum, bias, residual, reduce handle]
     try:
-        for step in prefill_schedule(num_layers, len(chunks)):
+        for step in schedule_for(num_layers, len(chunks), parallel_residual):
             key, c = (step.layer, step.part, step.chunk), step.chunk
             if step.op == "compute":
-                compute = ops.attention if step.part == "attn" else ops.mlp
-                out, bias = compute(step.layer, c, chunks[c])
+                out, bias = _compute_of(ops, step.part)(step.layer, c, chunks[c])
                 in_flight[key] = [out, bias, chunks[c], None]
             elif step.op == "reduce":
                 in_flight[key][3] = reducer.start(in_flight[key][0])

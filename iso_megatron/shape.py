@@ -21,6 +21,9 @@ class ModelShape:
     gated: bool
     vocab: int = 0
     kv_channels: Optional[int] = None  # per-head width; default hidden // num_heads
+    # attention and MLP read the same input (GPT-NeoX, GPT-J, Falcon, Phi): ISO reduces their
+    # partial sums once per layer chunk (schedule.parallel_prefill_schedule)
+    parallel_residual: bool = False
 
     @property
     def head_dim(self) -> int:

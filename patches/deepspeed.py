@@ -17,6 +17,11 @@ What importing this module does (nothing else):
    size, which torchrun does not set: LOCAL_SIZE is taken from LOCAL_WORLD_SIZE; where the ranks
    are still not all local (or LOCAL_SIZE is unusable) the shm kernel is switched off in favour of
    torch.distributed.all_reduce instead of segfaulting.
+4. That shm kernel sums over every rank of the WORLD whatever process group it is given (it takes
+   no group): with a tensor-parallel group smaller than the world (e.g. `tensor_parallel.mpu`
+   with two TP groups of 2 in a world of 4) every LinearAllreduce would add the other group's
+   partial sums. `inference_all_reduce` on such a group goes to torch.distributed.all_reduce on
+   that group instead (a warning says so once); on a group spanning the world nothing changes.
 
 `init_inference_megatron(model, config)` wraps a megatron-core model (launch/infer.py --deepspeed).
 """
@@ -79,6 +84,31 @@ def guard_shm(backend) -> None:
                        "(ranks not all on one host); using torch.distributed.all_reduce",
                        os.environ.get("LOCAL_SIZE"), world)
         backend.shm_vector_kernel_level = 0
+
+
+# ---- 4. DeepSpeed's shm all-reduce ignores the group ------------------------------------------
+
+def _smaller_than_world(group) -> bool:
+    if group is None or not torch.distributed.is_initialized():
+        return False
+    size = torch.distributed.get_world_size(group)  # -1 on a rank outside the group
+    return 1 < size < torch.distributed.get_world_size()
+
+
+_warned_group = []
+
+
+def _inference_all_reduce(self, tensor, op, group=None):
+    """DeepSpeed's `inference_all_reduce`, except that a group smaller than the world never
+    reaches the shm kernel (which would sum over the whole world)."""
+    if getattr(self, "shm_vector_kernel_level", 0) and _smaller_than_world(group):
+        if not _warned_group:
+            _warned_group.append(True)
+            logger.warning("DeepSpeed's shm all-reduce ignores the process group: the tensor-parallel "
+                           "group (%d of %d ranks) is reduced with torch.distributed.all_reduce instead",
+                           torch.distributed.get_world_size(group), torch.distributed.get_world_size())
+        return torch.distributed.all_reduce(tensor=tensor, op=self._reduce_op(op), group=group)
+    return _stock_inference_all_reduce(self, tensor, op, group)
 
 
 # ---- 1. the "iso" config field -------------------------------------------------------------
@@ -169,6 +199,8 @@ def apply_to_engine(engine, iso_config: ISOConfig):
 # the stock methods, also when this module is reloaded after install()
 _stock_engine_init = getattr(InferenceEngine.__init__, "_iso_stock", InferenceEngine.__init__)
 _stock_backend_init = getattr(TorchBackend.__init__, "_iso_stock", TorchBackend.__init__)
+_stock_inference_all_reduce = getattr(TorchBackend.inference_all_reduce, "_iso_stock",
+                                      TorchBackend.inference_all_reduce)
 
 
 def _engine_init(self, model, config):
@@ -188,7 +220,7 @@ def _backend_init(self, *args, **kwargs):
 
 
 def install() -> None:
-    """Idempotent: the config field, the engine hook, the comm guard."""
+    """Idempotent: the config field, the engine hook, the comm guards."""
     _install_config_field()
     if not hasattr(InferenceEngine.__init__, "_iso_stock"):
         _engine_init._iso_stock = _stock_engine_init
@@ -196,6 +228,9 @@ def install() -> None:
     if not hasattr(TorchBackend.__init__, "_iso_stock"):
         _backend_init._iso_stock = _stock_backend_init
         TorchBackend.__init__ = _backend_init
+    if not hasattr(TorchBackend.inference_all_reduce, "_iso_stock"):
+        _inference_all_reduce._iso_stock = _stock_inference_all_reduce
+        TorchBackend.inference_all_reduce = _inference_all_reduce
     guard_shm(getattr(_ds_comm, "cdb", None))  # a backend created before this import
 
 

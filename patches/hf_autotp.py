@@ -31,12 +31,24 @@ prompts shorter than `min_tokens`, caches other than DynamicCache, prompts reach
 window, flash/flex attention, output_attentions / output_hidden_states. What the latest forward
 ran is recorded in ONE place: `ISOStack.iso_plan` (`iso_stacks(model)`), a `planner.PrefillPlan`.
 
-Families: Llama, Mistral, Qwen2 (RMSNorm, SwiGLU, RoPE, GQA) and OPT (LayerNorm, biases, pre- or
-post-LN).
+Families (`FAMILIES`): Llama, Mistral, Qwen2 (RMSNorm, SwiGLU, RoPE, GQA), OPT (LayerNorm,
+biases, pre- or post-LN), GPT-NeoX / Pythia (use_parallel_residual True or False), GPT-J, Falcon
+(the 7B layout with parallel_attn, new_decoder_architecture, or sequential) and Phi (partial
+RoPE, biases). Parallel-residual layers (attention and MLP read the same input and land on the
+same residual: Pythia, GPT-J, Falcon, Phi) run `schedule.parallel_prefill_schedule`: per layer
+chunk, the attention and MLP partial sums are added locally and reduced ONCE (both biases after
+the reduce, as each LinearAllreduce adds its own), half the all-reduces of stock AutoTP.
+Refused with a ValueError (stock AutoTP itself is wrong or ISO cannot follow): Falcon's
+multi-query fused QKV in the 7B layout (AutoTP splits it as if every head had its own K/V and the
+forward fails) and Falcon with ALiBi.
+
+Padded batches (left padding + attention_mask, as generate() passes them) run ISO: the model's
+own 4-D mask is sliced per chunk, so every real position equals stock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from contextlib import contextmanager
@@ -50,7 +62,7 @@ from iso_megatron import comm
 from iso_megatron.classes import swap_classes
 from iso_megatron.config import ISOConfig
 from iso_megatron.planner import Environment, PrefillPlan, plan_prefill, stock
-from iso_megatron.schedule import run_prefill
+from iso_megatron.schedule import MERGED, run_prefill
 from iso_megatron.shape import ModelShape
 
 logger = logging.getLogger(__name__)
@@ -84,12 +96,58 @@ def deferred(linears):
 
 # ---- model families: what one HF decoder layer does, per part ---------------------------------
 
-class LlamaFamily:
+class Family:
+    """What one HF decoder layer does, per part (the defaults: a sequential pre-norm layer).
+
+    A sequential layer runs `attention`, `finish("attn")`, `mlp`, `finish("mlp")`. A
+    parallel-residual layer (`parallel(layer)`: attention and MLP read the same input and land
+    on the same residual) runs `parallel_parts` (both partial sums of one input) and
+    `finish(MERGED)` (their one reduced sum, biases added, onto the residual).
+    """
+
+    name = "?"
+    classes: tuple = ()
+    passes_use_cache = True  # the stock layer hands use_cache on to its attention
+    gated = False            # SwiGLU: two fc1-sized GEMMs (ModelShape.from_hf_config)
+    paths: tuple = ()        # attributes `check` requires of every layer
+
+    @staticmethod
+    def attn_module(layer):
+        return layer.self_attn
+
+    @classmethod
+    def check(cls, layer):
+        for path in cls.paths:
+            _get(layer, path)
+
+    @staticmethod
+    def refuse(layer) -> Optional[str]:
+        """Why ISO must not run on this layer (stock DeepSpeed itself is wrong there), or None."""
+        return None
+
+    @staticmethod
+    def parallel(layer) -> bool:
+        return False
+
+    @staticmethod
+    def output(hidden):
+        """The layer's return value as the model's loop expects it."""
+        return hidden
+
+    @staticmethod
+    def shape_fields(config) -> dict:
+        """ModelShape fields the generic reader (`ModelShape.from_hf_config`) gets wrong."""
+        return {}
+
+
+class LlamaFamily(Family):
     """Llama, Mistral, Qwen2: pre-RMSNorm, attention with RoPE (GQA), SwiGLU MLP."""
 
     name = "llama"
     classes = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
-    passes_use_cache = True  # the stock layer hands use_cache on to its attention
+    gated = True
+    paths = ("input_layernorm", "self_attn", "self_attn.o_proj", "post_attention_layernorm", "mlp",
+             "mlp.down_proj")
 
     @staticmethod
     def attn_linear(layer):
@@ -98,12 +156,6 @@ class LlamaFamily:
     @staticmethod
     def mlp_linear(layer):
         return layer.mlp.down_proj
-
-    @staticmethod
-    def check(layer):
-        for path in ("input_layernorm", "self_attn", "self_attn.o_proj", "post_attention_layernorm",
-                     "mlp", "mlp.down_proj"):
-            _get(layer, path)
 
     @staticmethod
     def attention(layer, hidden, kwargs):
@@ -117,15 +169,15 @@ class LlamaFamily:
     def finish(layer, part, out, residual):
         return residual + out
 
-    gated = True  # SwiGLU: two fc1-sized GEMMs (ModelShape.from_hf_config)
 
-
-class OPTFamily:
+class OPTFamily(Family):
     """OPT: LayerNorm (before or after, per do_layer_norm_before), biases, fc1-act-fc2 MLP."""
 
     name = "opt"
     classes = ("OPTDecoderLayer",)
     passes_use_cache = False
+    paths = ("self_attn_layer_norm", "self_attn", "self_attn.out_proj", "fc1", "fc2",
+             "final_layer_norm", "activation_fn", "do_layer_norm_before", "dropout")
 
     @staticmethod
     def attn_linear(layer):
@@ -134,12 +186,6 @@ class OPTFamily:
     @staticmethod
     def mlp_linear(layer):
         return layer.fc2
-
-    @staticmethod
-    def check(layer):
-        for path in ("self_attn_layer_norm", "self_attn", "self_attn.out_proj", "fc1", "fc2",
-                     "final_layer_norm", "activation_fn", "do_layer_norm_before", "dropout"):
-            _get(layer, path)
 
     @staticmethod
     def attention(layer, hidden, kwargs):
@@ -162,10 +208,199 @@ class OPTFamily:
         hidden = (residual.reshape(-1, residual.size(-1)) + out).view(residual.shape)
         return hidden if layer.do_layer_norm_before else layer.final_layer_norm(hidden)
 
-    gated = False
+
+class GPTNeoXFamily(Family):
+    """GPT-NeoX / Pythia: two LayerNorms, fused QKV with partial RoPE, biases, gelu MLP;
+    parallel residual where `use_parallel_residual` (the Pythia default), else sequential."""
+
+    name = "gpt_neox"
+    classes = ("GPTNeoXLayer",)
+    paths = ("input_layernorm", "post_attention_layernorm", "attention", "attention.dense", "mlp",
+             "mlp.dense_4h_to_h", "use_parallel_residual", "post_attention_dropout", "post_mlp_dropout")
+
+    @staticmethod
+    def attn_module(layer):
+        return layer.attention
+
+    @staticmethod
+    def attn_linear(layer):
+        return layer.attention.dense
+
+    @staticmethod
+    def mlp_linear(layer):
+        return layer.mlp.dense_4h_to_h
+
+    @staticmethod
+    def parallel(layer) -> bool:
+        return bool(layer.use_parallel_residual)
+
+    @staticmethod
+    def attention(layer, hidden, kwargs):
+        return layer.attention(layer.input_layernorm(hidden), **kwargs)[0]
+
+    @staticmethod
+    def mlp(layer, hidden):
+        return layer.mlp(layer.post_attention_layernorm(hidden))
+
+    @classmethod
+    def parallel_parts(cls, layer, hidden, kwargs):
+        return cls.attention(layer, hidden, kwargs), cls.mlp(layer, hidden)
+
+    @staticmethod
+    def finish(layer, part, out, residual):
+        if part == "attn":
+            return residual + layer.post_attention_dropout(out)
+        if part == "mlp":
+            return residual + layer.post_mlp_dropout(out)
+        return residual + out  # MERGED (eval only: ISO steps aside in training)
 
 
-FAMILIES = (LlamaFamily, OPTFamily)
+class GPTJFamily(Family):
+    """GPT-J: one LayerNorm feeding attention (partial RoPE, no biases) and MLP (biases) in
+    parallel."""
+
+    name = "gptj"
+    classes = ("GPTJBlock",)
+    paths = ("ln_1", "attn", "attn.out_proj", "mlp", "mlp.fc_out")
+
+    @staticmethod
+    def attn_module(layer):
+        return layer.attn
+
+    @staticmethod
+    def attn_linear(layer):
+        return layer.attn.out_proj
+
+    @staticmethod
+    def mlp_linear(layer):
+        return layer.mlp.fc_out
+
+    @staticmethod
+    def parallel(layer) -> bool:
+        return True
+
+    @staticmethod
+    def parallel_parts(layer, hidden, kwargs):
+        x = layer.ln_1(hidden)
+        return layer.attn(hidden_states=x, **kwargs)[0], layer.mlp(x)
+
+    @staticmethod
+    def finish(layer, part, out, residual):
+        return residual + out
+
+    @staticmethod
+    def shape_fields(config) -> dict:
+        inner = getattr(config, "n_inner", None)
+        return {"ffn_hidden": inner or 4 * config.hidden_size}
+
+
+class FalconFamily(Family):
+    """Falcon with RoPE: parallel attention/MLP (one LayerNorm, or `ln_attn`/`ln_mlp` in
+    new_decoder_architecture, Falcon-40B/180B) or sequential (parallel_attn False). The layer
+    returns (hidden, attention weights). Refused: multi-query in the 7B layout (stock AutoTP
+    splits its fused QKV wrongly) and ALiBi."""
+
+    name = "falcon"
+    classes = ("FalconDecoderLayer",)
+    paths = ("self_attention", "self_attention.dense", "mlp", "mlp.dense_4h_to_h", "config")
+
+    @staticmethod
+    def attn_module(layer):
+        return layer.self_attention
+
+    @staticmethod
+    def attn_linear(layer):
+        return layer.self_attention.dense
+
+    @staticmethod
+    def mlp_linear(layer):
+        return layer.mlp.dense_4h_to_h
+
+    @staticmethod
+    def refuse(layer) -> Optional[str]:
+        cfg = layer.config
+        if cfg.multi_query and not cfg.new_decoder_architecture:
+            return ("Falcon's multi-query fused QKV in the Falcon-7B layout (multi_query=True, "
+                    "new_decoder_architecture=False): stock DeepSpeed AutoTP splits it across ranks as if "
+                    "every head had its own K/V and the forward fails, so ISO does not run it")
+        if cfg.alibi:
+            return "Falcon with ALiBi (alibi=True): not supported by ISO"
+        return None
+
+    @staticmethod
+    def parallel(layer) -> bool:
+        return bool(layer.config.new_decoder_architecture or layer.config.parallel_attn)
+
+    @staticmethod
+    def _two_norms(layer) -> bool:
+        return bool(layer.config.new_decoder_architecture and layer.config.num_ln_in_parallel_attn == 2)
+
+    @staticmethod
+    def _attend(layer, x, kwargs):
+        return layer.self_attention(x, **kwargs)[0]
+
+    @classmethod
+    def parallel_parts(cls, layer, hidden, kwargs):
+        if cls._two_norms(layer):
+            return cls._attend(layer, layer.ln_attn(hidden), kwargs), layer.mlp(layer.ln_mlp(hidden))
+        x = layer.input_layernorm(hidden)
+        return cls._attend(layer, x, kwargs), layer.mlp(x)
+
+    @classmethod
+    def attention(cls, layer, hidden, kwargs):  # sequential (parallel_attn False)
+        return cls._attend(layer, layer.input_layernorm(hidden), kwargs)
+
+    @staticmethod
+    def mlp(layer, hidden):
+        return layer.mlp(layer.post_attention_layernorm(hidden))
+
+    @staticmethod
+    def finish(layer, part, out, residual):
+        p = layer.config.attention_dropout if part == "attn" else layer.config.hidden_dropout
+        return residual + F.dropout(out, p=p, training=layer.training)  # dropout_add, as stock
+
+    @staticmethod
+    def output(hidden):
+        return hidden, None
+
+    @staticmethod
+    def shape_fields(config) -> dict:
+        kv = config.num_kv_heads if config.new_decoder_architecture else (
+            1 if config.multi_query else config.num_attention_heads)
+        return {"num_query_groups": kv, "ffn_hidden": config.ffn_hidden_size or 4 * config.hidden_size}
+
+
+class PhiFamily(Family):
+    """Phi (phi-1, phi-1.5, phi-2): one LayerNorm feeding attention (partial RoPE, biases,
+    optional q/k LayerNorm) and MLP (biases) in parallel."""
+
+    name = "phi"
+    classes = ("PhiDecoderLayer",)
+    paths = ("input_layernorm", "self_attn", "self_attn.dense", "mlp", "mlp.fc2", "resid_dropout")
+
+    @staticmethod
+    def attn_linear(layer):
+        return layer.self_attn.dense
+
+    @staticmethod
+    def mlp_linear(layer):
+        return layer.mlp.fc2
+
+    @staticmethod
+    def parallel(layer) -> bool:
+        return True
+
+    @staticmethod
+    def parallel_parts(layer, hidden, kwargs):
+        x = layer.input_layernorm(hidden)
+        return layer.self_attn(hidden_states=x, **kwargs)[0], layer.mlp(x)
+
+    @staticmethod
+    def finish(layer, part, out, residual):
+        return residual + out
+
+
+FAMILIES = (LlamaFamily, OPTFamily, GPTNeoXFamily, GPTJFamily, FalconFamily, PhiFamily)
 SUPPORTED = tuple(c for fam in FAMILIES for c in fam.classes)
 
 
@@ -188,8 +423,8 @@ def family_of(layer):
 
 # ---- the chunk steps ----------------------------------------------------------------------
 
-_CONSUMED = ("attention_mask", "position_embeddings", "position_ids", "cache", "past_key_values",
-             "past_key_value", "use_cache")
+_CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")  # per family / version
+_CONSUMED = ("attention_mask", "position_embeddings", "position_ids", "use_cache") + _CACHE_NAMES
 _PACKED = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -243,17 +478,29 @@ class HFChunkOps:
     def attention(self, i, c, hidden):
         layer = self.layers[i]
         out = self.fam.attention(layer, hidden, self.chunk_kwargs[c])
-        if self.private and c == len(self.chunk_kwargs) - 1:
-            self._drop(layer.self_attn.layer_idx)  # one layer's K/V alive at a time
+        self._attended(layer, c)
         return out, self.fam.attn_linear(layer).bias
 
     def mlp(self, i, c, hidden):
         layer = self.layers[i]
         return self.fam.mlp(layer, hidden), self.fam.mlp_linear(layer).bias
 
+    def attention_mlp(self, i, c, hidden):
+        """Parallel residual: both partial sums of the chunk, added here (one reduce carries
+        them); both biases come after the reduce, as each LinearAllreduce adds its own."""
+        layer = self.layers[i]
+        attn, mlp = self.fam.parallel_parts(layer, hidden, self.chunk_kwargs[c])
+        self._attended(layer, c)
+        return attn.add_(mlp), (self.fam.attn_linear(layer).bias, self.fam.mlp_linear(layer).bias)
+
     def finish(self, i, part, out, bias, residual):
-        out = add_bias(out, bias)  # as LinearAllreduce does after its reduce
+        for b in (bias if part == MERGED else (bias,)):
+            out = add_bias(out, b)  # as LinearAllreduce does after its reduce
         return self.fam.finish(self.layers[i], part, out, residual)
+
+    def _attended(self, layer, c):
+        if self.private and c == len(self.chunk_kwargs) - 1:
+            self._drop(self.fam.attn_module(layer).layer_idx)  # one layer's K/V alive at a time
 
     def _drop(self, idx):
         try:
@@ -265,7 +512,7 @@ class HFChunkOps:
 
 
 def _cache_arg(kwargs):
-    for name in ("cache", "past_key_values", "past_key_value"):
+    for name in _CACHE_NAMES:
         if kwargs.get(name) is not None:
             return kwargs[name]
     return None
@@ -295,12 +542,15 @@ class ISOStack:
         self.layers, self.family, self.iso_config = list(layers), family, iso_config
         self.linears = [lin for layer in self.layers
                         for lin in (family.attn_linear(layer), family.mlp_linear(layer))]
-        attn = self.layers[0].self_attn
+        attn = family.attn_module(self.layers[0])
         self.config = getattr(attn, "config", None)
         params = inspect.signature(type(attn).forward).parameters
-        self.cache_name = next((n for n in ("cache", "past_key_values", "past_key_value") if n in params),
-                               "cache")
-        self.shape = ModelShape.from_hf_config(self.config, family.gated, name=family.name)
+        self.cache_name = next((n for n in _CACHE_NAMES if n in params), "cache")
+        # parallel residual: attention and MLP of a layer chunk share ONE reduce
+        self.parallel = family.parallel(self.layers[0])
+        shape = ModelShape.from_hf_config(self.config, family.gated, name=family.name)
+        shape = dataclasses.replace(shape, **family.shape_fields(self.config))
+        self.shape = dataclasses.replace(shape, parallel_residual=self.parallel)
         self.iso_plan: Optional[PrefillPlan] = None
 
     # -- deciding -----------------------------------------------------------------------------
@@ -345,7 +595,7 @@ class ISOStack:
 
     def _sliding_window(self):
         cfg = self.config
-        windows = [getattr(layer.self_attn, "sliding_window", None) for layer in self.layers]
+        windows = [getattr(self.family.attn_module(layer), "sliding_window", None) for layer in self.layers]
         if self.family is LlamaFamily and getattr(cfg, "use_sliding_window", True):
             windows.append(getattr(cfg, "sliding_window", None))
         windows = [w for w in windows if isinstance(w, int) and w > 0]
@@ -375,12 +625,12 @@ class ISOStack:
         ops = HFChunkOps(self, bounds, kwargs)
         reducer = comm.make_reducer(self.linears[0].mp_group)
         with deferred(self.linears):
-            chunks = run_prefill(ops, len(self.layers), chunks, reducer)
+            chunks = run_prefill(ops, len(self.layers), chunks, reducer, parallel_residual=self.parallel)
         # one output, each chunk copied in and dropped (the layers' dtype, as torch.cat's)
         out = chunks[0].new_empty(hidden.shape[:1] + (bounds[-1],) + tuple(chunks[0].shape[2:]))
         for c in range(len(chunks)):
             out[:, bounds[c]:bounds[c + 1]], chunks[c] = chunks[c], None
-        return out, True
+        return self.family.output(out), True
 
 
 class _StackEntry:
@@ -502,7 +752,7 @@ def apply_iso_hf(model, iso_config: Optional[ISOConfig] = None):
     # Check everything before changing anything: a model is converted whole or not at all.
     plans = []
     for owner, layers, fam in stacks:
-        cfg = getattr(layers[0].self_attn, "config", None)
+        cfg = getattr(fam.attn_module(layers[0]), "config", None)
         n = getattr(cfg, "num_hidden_layers", None)
         layer_list = list(layers)[:n] if isinstance(n, int) and 0 < n <= len(layers) else list(layers)
         types = set(getattr(cfg, "layer_types", None) or [])
@@ -512,6 +762,11 @@ def apply_iso_hf(model, iso_config: Optional[ISOConfig] = None):
         linears = []
         for layer in layer_list:
             fam.check(layer)
+            refused = fam.refuse(layer)
+            if refused:
+                raise ValueError(f"ISO: {refused}")
+            if fam.parallel(layer) != fam.parallel(layer_list[0]):
+                raise ValueError(f"ISO: {fam.name} layers mix parallel and sequential residuals")
             linears += [fam.attn_linear(layer), fam.mlp_linear(layer)]
         kinds = {type(lin) in (LinearAllreduce, ISOLinearAllreduce) for lin in linears}
         if kinds == {False}:

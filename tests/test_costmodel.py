@@ -468,3 +468,39 @@ def test_iso_slows_monotonically_with_contention():
     plans = [cm.best_plan(OPT30, dataclasses.replace(dev, contention=s), link, 4, 2048).predicted_ms
              for s in (0.0, 0.15, 0.5)]
     assert plans[0] <= plans[1] <= plans[2]
+
+
+# ---- parallel residual: the merged schedule ------------------------------------------------
+
+def test_parallel_residual_one_chunk_pays_one_all_reduce_per_layer():
+    from iso_megatron.schedule import parallel_prefill_schedule
+
+    costs = {("attn", 0): cm.PartCost(0.5, 0.25), ("mlp", 0): cm.PartCost(0.75, 0.25)}
+    assert cm.simulate(parallel_prefill_schedule(7, 1), costs) == 7 * (0.5 + 0.75 + 0.25)
+    assert cm.simulate(prefill_schedule(7, 1), costs) == 7 * (0.5 + 0.75 + 0.25 + 0.25)
+
+
+def test_parallel_residual_overlap_by_hand():
+    from iso_megatron.schedule import parallel_prefill_schedule
+
+    # attn and mlp C=1 M=1 per chunk: a merged step computes 2, reduces 1. Layer 0: computes
+    # [0,2] [2,4], reduces [2,3] [4,5]; layer 1: computes [4,6] [6,8], reduces [6,7] [8,9].
+    costs = {(p, c): cm.PartCost(1.0, 1.0) for p in ("attn", "mlp") for c in (0, 1)}
+    assert cm.simulate(parallel_prefill_schedule(2, 2), costs) == 9.0
+    # contention: compute beside an in-flight reduce is slowed, so the same steps take longer
+    assert cm.simulate(parallel_prefill_schedule(2, 2), costs, contention=0.5) > 9.0
+
+
+def test_predict_parallel_residual_shape():
+    """Baseline = stock AutoTP (two reduces per layer, sequential) for both shapes; ISO with the
+    merged schedule does half the all-reduce work and is never slower than the sequential ISO."""
+
+    par = dataclasses.replace(TINY, parallel_residual=True)
+    for n in (1024, 4096):
+        seq, pr = (cm.predict(m, D4090, L4090, 2, n, num_chunks=2) for m in (TINY, par))
+        assert pr.baseline_ms == seq.baseline_ms
+        assert pr.compute_ms == seq.compute_ms
+        assert pr.comm_ms == pytest.approx(seq.comm_ms / 2, rel=1e-12)
+        assert pr.iso_ms < seq.iso_ms
+        one = cm.predict(par, D4090, L4090, 2, n, num_chunks=1)  # merged reduce, no chunking
+        assert one.iso_ms < one.baseline_ms

@@ -271,3 +271,78 @@ def test_core_imports_no_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+# ---- parallel residual: one reduce per layer chunk -------------------------------------------
+
+@pytest.mark.parametrize("layers,chunks", [(1, 1), (1, 2), (3, 2), (2, 4), (5, 3)])
+def test_parallel_schedule_is_complete_with_one_reduce_per_layer_chunk(layers, chunks):
+    from iso_megatron.schedule import MERGED, parallel_prefill_schedule
+
+    steps = parallel_prefill_schedule(layers, chunks)
+    check_schedule(steps)
+    for op in ("compute", "reduce", "finish"):
+        assert sorted(s[1:] for s in steps if s.op == op) == sorted(
+            (l, MERGED, c) for l in range(layers) for c in range(chunks))
+    reduces = sum(s.op == "reduce" for s in steps)
+    assert 2 * reduces == sum(s.op == "reduce" for s in prefill_schedule(layers, chunks))
+
+
+def test_parallel_schedule_overlaps_each_reduce_with_the_next_compute():
+    from iso_megatron.schedule import MERGED, parallel_prefill_schedule
+
+    steps = parallel_prefill_schedule(2, 2)
+    # chunk 1's reduce of layer 0 is waited only after layer 1's chunk 0 computed
+    assert steps.index(Step("finish", 0, MERGED, 1)) > steps.index(Step("compute", 1, MERGED, 0))
+    assert steps.index(Step("finish", 0, MERGED, 0)) > steps.index(Step("compute", 0, MERGED, 1))
+
+
+def test_check_schedule_rejects_broken_parallel_orders():
+    from iso_megatron.schedule import MERGED, parallel_prefill_schedule
+
+    steps = parallel_prefill_schedule(2, 2)
+    i = steps.index(Step("finish", 0, MERGED, 0))
+    with pytest.raises(AssertionError):  # layer 1 chunk 0 computed before its input is reduced
+        check_schedule(steps[:i] + steps[i + 1:i + 2] + [steps[i]] + steps[i + 2:])
+    with pytest.raises(AssertionError):  # a reduce never waited for
+        check_schedule(steps[:-1])
+    with pytest.raises(AssertionError):  # chunk 1 attends before chunk 0 wrote its K/V
+        a, b = steps.index(Step("compute", 0, MERGED, 0)), steps.index(Step("compute", 0, MERGED, 1))
+        swapped = list(steps)
+        swapped[a], swapped[b] = swapped[b], swapped[a]
+        check_schedule(swapped)
+
+
+class ParallelToyOps(ToyOps):
+    """ToyOps as a parallel-residual layer: attention and MLP both read the layer input."""
+
+    def attention_mlp(self, layer, chunk, hidden):
+        attn, _ = self.attention(layer, chunk, hidden)
+        mlp, bias = self.mlp(layer, chunk, hidden)
+        return attn + mlp, bias
+
+
+def parallel_toy_reference(ops, x):
+    for layer in range(len(ops.wk)):
+        keys = x @ ops.wk[layer]
+        attn = torch.cumsum(keys, 0) / torch.arange(1, x.size(0) + 1, dtype=x.dtype)[:, None]
+        x = x + attn + torch.tanh(x @ ops.w1[layer]) + 1
+    return x
+
+
+@pytest.mark.parametrize("bounds", [[0, 7], [0, 3, 7], [0, 1, 2, 5, 7]])
+def test_parallel_executor_matches_the_unchunked_reference(bounds):
+    from iso_megatron.schedule import MERGED
+
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ops = ParallelToyOps(3, 6, bounds)
+    finished = []
+    real_finish = ops.finish
+    ops.finish = lambda layer, part, *a: finished.append(part) or real_finish(layer, part, *a)
+    reducer = PoisonReducer()
+    chunks = [x[a:b] for a, b in zip(bounds, bounds[1:])]
+    out = torch.cat(run_prefill(ops, 3, chunks, reducer, parallel_residual=True))
+    torch.testing.assert_close(out, parallel_toy_reference(ops, x), rtol=1e-12, atol=1e-12)
+    assert not reducer.pending
+    k = len(bounds) - 1
+    assert finished == [MERGED] * 3 * k  # one reduce per layer chunk
