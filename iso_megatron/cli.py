@@ -22,6 +22,16 @@ import torch
 from .config import DEFAULT_MIN_TOKENS, ISOConfig
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"want a number > 0, got {text!r}")
+    return value
+
+
 def add_shape_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """Model shape, precision and tensor parallelism, with Megatron-LM's names."""
     g = p.add_argument_group("model (Megatron-LM names)")
@@ -38,6 +48,9 @@ def add_shape_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--distributed-timeout-minutes", type=_positive_float, default=10,
+                   help="Megatron-LM's: how long a collective waits for a rank that neither "
+                        "answers nor fails before every rank stops with an error naming it")
     return g
 
 

@@ -781,13 +781,17 @@ def main(argv=None):
         with open(args.summarize) as f:
             print(summarize(json.load(f)))
         return
+    from iso_megatron.faults import distributed_timeout, watch_job
     from iso_megatron.runtime import init_process_group, shutdown
 
+    watch = None
     try:  # every exit, success or error, tears the process groups down in order
-        init_process_group(args.device)
-        _main(args, dist.get_rank(), dist.get_world_size())
+        init_process_group(args.device, distributed_timeout(args.distributed_timeout_minutes))
+        watch = watch_job()  # a rank that fails or dies is named by the others
+        with watch.phase("the benchmark"):
+            _main(args, dist.get_rank(), dist.get_world_size())
     finally:
-        shutdown()
+        shutdown(watch)
 
 
 def _main(args, rank, world):
@@ -808,8 +812,12 @@ def _main(args, rank, world):
         for r, p in flagged:
             print(f"[bench] PROBLEM {r['profile']} s={r['seq_len']} {r['split']}: {p}", flush=True)
     if flagged:  # every rank has the same records (times are maxima over ranks)
+        # the others wait for rank 0's files: torchrun stops every rank once one exits non-zero
+        dist.barrier()
         raise SystemExit(2)
 
 
 if __name__ == "__main__":
-    main()
+    from iso_megatron.runtime import run_main
+
+    run_main(main)

@@ -246,13 +246,17 @@ def init_distributed(args):
     from megatron.core import parallel_state, tensor_parallel
 
     from iso_megatron import apply_cpu_shims
+    from iso_megatron.faults import distributed_timeout
     from iso_megatron.runtime import init_process_group
 
     cuda = torch.cuda.is_available()
     if not cuda:
         apply_cpu_shims()
-    device = init_process_group("cuda" if cuda else "cpu")
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size)
+    timeout = distributed_timeout(args.distributed_timeout_minutes)
+    device = init_process_group("cuda" if cuda else "cpu", timeout)
+    # Megatron's groups take the same bound (their own default is 30 minutes)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                             distributed_timeout_minutes=timeout.total_seconds() / 60)
     torch.manual_seed(args.seed)
     if cuda:
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
@@ -294,7 +298,7 @@ def gpt_model(model):
     return get_attr_wrapped_model(model, "decoder", return_model_obj=True)
 
 
-def run(args, tokenizer, device, rank: int) -> dict:
+def run(args, tokenizer, device, rank: int, watch) -> dict:
     import torch
     from tqdm import tqdm
 
@@ -306,11 +310,12 @@ def run(args, tokenizer, device, rank: int) -> dict:
     bar = tqdm(total=len(args.prompt_ids) * args.num_tokens_to_generate, desc="generating",
                disable=rank != 0, file=sys.stderr)
     for ids in args.prompt_ids:
-        time_prefill(args.model, ids, device)  # warm-up, excluded from the timings
+        with watch.phase("prefill"):
+            time_prefill(args.model, ids, device)  # warm-up, excluded from the timings
         plan = getattr(mcore.decoder, "iso_plan", None)  # what that prefill ran (None: stock model)
         gen = generate(args.model, ids, args.num_tokens_to_generate, args.temperature, args.top_k,
                        args.top_p, args.seed, getattr(tokenizer, "eod", None) if args.temperature else None,
-                       args.max_position_embeddings, device, progress=bar)
+                       args.max_position_embeddings, device, progress=bar, phase=watch.phase)
         rec = dict(prompt_token_ids=ids, generated_token_ids=gen.generated_token_ids,
                    prefill_ms=round(gen.prefill_ms, 3),
                    decode_ms_per_token=round(gen.decode_ms_per_token, 3))
@@ -320,16 +325,17 @@ def run(args, tokenizer, device, rank: int) -> dict:
         rec["iso_plan_reason"] = "stock model (--no-iso)" if plan is None else plan.reason
         all_logits.append(gen.prefill_logits.cpu())
         if args.compare_baseline:
-            iso_ms, iso_logits = time_prefill(args.model, ids, device, args.timing_repeats)
-            apply_iso(mcore, ISOConfig(enabled=False))
-            time_prefill(args.model, ids, device)  # warm-up of the stock path
-            base_ms, base_logits = time_prefill(args.model, ids, device, args.timing_repeats)
-            apply_iso(mcore, args.iso_config)
-            rec.update(prefill_ms=round(iso_ms, 3), baseline_prefill_ms=round(base_ms, 3),
-                       speedup=round(base_ms / iso_ms, 4),
-                       max_abs_logit_diff=float((iso_logits - base_logits).abs().max()),
-                       max_rel_logit_diff=float((iso_logits - base_logits).abs().max()
-                                                / base_logits.abs().max().clamp_min(1e-30)))
+            with watch.phase("prefill"):
+                iso_ms, iso_logits = time_prefill(args.model, ids, device, args.timing_repeats)
+                apply_iso(mcore, ISOConfig(enabled=False))
+                time_prefill(args.model, ids, device)  # warm-up of the stock path
+                base_ms, base_logits = time_prefill(args.model, ids, device, args.timing_repeats)
+                apply_iso(mcore, args.iso_config)
+                rec.update(prefill_ms=round(iso_ms, 3), baseline_prefill_ms=round(base_ms, 3),
+                           speedup=round(base_ms / iso_ms, 4),
+                           max_abs_logit_diff=float((iso_logits - base_logits).abs().max()),
+                           max_rel_logit_diff=float((iso_logits - base_logits).abs().max()
+                                                    / base_logits.abs().max().clamp_min(1e-30)))
         results.append(rec)
     bar.close()
     if args.save_logits and rank == 0:
@@ -358,19 +364,28 @@ def _main(args, tokenizer) -> int:
     import torch.distributed as dist
     from tqdm import tqdm
 
+    from iso_megatron.faults import RankLost, watch_job
+
     device = init_distributed(args)
     rank = dist.get_rank()
+    watch = watch_job()  # a rank that fails or dies is named by the others, with the phase
     try:
-        with tqdm(total=1, desc="loading" if args.load else "building embedded default model",
-                  disable=rank != 0, file=sys.stderr) as bar:
+        with watch.phase("loading the checkpoint" if args.load else "building the model"), \
+                tqdm(total=1, desc="loading" if args.load else "building embedded default model",
+                     disable=rank != 0, file=sys.stderr) as bar:
             args.model = build_model(args, device)
             args._mcore_model = gpt_model(args.model)
             bar.update(1)
-        out = run(args, tokenizer, device, rank)
-    except (ValueError, OSError, RuntimeError) as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+        out = run(args, tokenizer, device, rank, watch)
+    except RankLost as e:  # each surviving rank says it, in its own words
+        print(f"error: rank {rank}: {e}", file=sys.stderr, flush=True)
         return 1
+    except (ValueError, OSError, RuntimeError) as e:
+        if rank == 0 or watch.reported:  # agreed errors once; a rank's own failure by that rank
+            print(f"error: {e}" if rank == 0 else f"error: rank {rank}: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        watch.stop()
     if rank == 0:
         r = out
         print(f"TP={out['tp']} device={out['device']} precision={out['precision']} ISO={out['iso']}")
@@ -394,4 +409,6 @@ def _main(args, tokenizer) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from iso_megatron.runtime import run_main
+
+    run_main(main)

@@ -27,8 +27,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = cli.add_shape_args(p)  # --num-query-groups: the Llama families' key/value heads
     m.add_argument("--model-dir", help="a local Hugging Face model directory (from_pretrained)")
-    m.add_argument("--family", default="llama", choices=["llama", "mistral", "qwen2", "opt"],
-                   help="random-weight model family when no --model-dir")
+    m.add_argument("--family", default="llama",
+                   choices=["llama", "mistral", "qwen2", "opt", "gpt_neox", "gptj", "falcon", "phi"],
+                   help="random-weight model family when no --model-dir (gpt_neox: Pythia's parallel "
+                        "residual; falcon: new_decoder_architecture)")
     m.add_argument("--attn-impl", default="sdpa", choices=["sdpa", "eager"])
     cli.add_iso_args(p)
     cli.add_timing_args(p, repeats=5, warmup=1)
@@ -55,15 +57,28 @@ def build_model(args, torch_dtype):
                   max_position_embeddings=max(4096, args.seq_len + args.num_tokens_to_generate),
                   pad_token_id=0, bos_token_id=1, eos_token_id=2)
     llama = dict(common, intermediate_size=args.ffn_hidden_size, num_key_value_heads=args.num_query_groups)
-    config = {"llama": lambda: tf.LlamaConfig(**llama),
-              "mistral": lambda: tf.MistralConfig(**llama, sliding_window=None),
-              "qwen2": lambda: tf.Qwen2Config(**llama),
-              "opt": lambda: tf.OPTConfig(**common, ffn_dim=args.ffn_hidden_size, word_embed_proj_dim=args.hidden_size,
-                                          activation_function="gelu")}[args.family]()
+    ffn = dict(common, intermediate_size=args.ffn_hidden_size)
+    falcon = dict(common, ffn_hidden_size=args.ffn_hidden_size, new_decoder_architecture=True,
+                  num_kv_heads=args.num_query_groups)
+    builders = {
+        "llama": (tf.LlamaConfig, llama, tf.LlamaForCausalLM),
+        "mistral": (tf.MistralConfig, dict(llama, sliding_window=None), tf.MistralForCausalLM),
+        "qwen2": (tf.Qwen2Config, llama, tf.Qwen2ForCausalLM),
+        "opt": (tf.OPTConfig, dict(common, ffn_dim=args.ffn_hidden_size, word_embed_proj_dim=args.hidden_size,
+                                   activation_function="gelu"), tf.OPTForCausalLM),
+        "gpt_neox": (tf.GPTNeoXConfig, ffn, tf.GPTNeoXForCausalLM),  # parallel residual (Pythia)
+        "gptj": (tf.GPTJConfig, dict(vocab_size=args.vocab_size, n_embd=args.hidden_size, n_layer=args.num_layers,
+                                     n_head=args.num_attention_heads, n_inner=args.ffn_hidden_size,
+                                     rotary_dim=max(2, args.hidden_size // args.num_attention_heads // 4),
+                                     n_positions=common["max_position_embeddings"], pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2), tf.GPTJForCausalLM),
+        "falcon": (tf.FalconConfig, falcon, tf.FalconForCausalLM),  # new_decoder_architecture
+        "phi": (tf.PhiConfig, ffn, tf.PhiForCausalLM),
+    }
+    config_cls, fields, cls = builders[args.family]
+    config = config_cls(**fields)
     config._attn_implementation = args.attn_impl
     torch.manual_seed(args.seed)
-    cls = {"llama": tf.LlamaForCausalLM, "mistral": tf.MistralForCausalLM, "qwen2": tf.Qwen2ForCausalLM,
-           "opt": tf.OPTForCausalLM}[args.family]
     model = cls(config).to(torch_dtype).eval()
     model.generation_config.eos_token_id = None  # random weights: always --num-tokens-to-generate
     return model
@@ -84,11 +99,8 @@ def _main(args):
     import iso_megatron.patches.deepspeed  # noqa: F401
     import deepspeed
     import torch
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
 
-    from iso_megatron import ISOConfig
-    from iso_megatron.patches.hf_autotp import apply_iso_hf, iso_stacks
+    from iso_megatron.faults import distributed_timeout, watch_job
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -114,7 +126,23 @@ def _main(args):
                                      "split": split if isinstance(split, str) else list(split),
                                      "min_tokens": iso_section.min_tokens})
     if world > 1:
-        deepspeed.init_distributed()
+        deepspeed.init_distributed(timeout=distributed_timeout(args.distributed_timeout_minutes))
+    watch = watch_job()  # a rank that fails or dies is named by the others
+    try:
+        return _run(args, watch, torch_dtype, ds_config, world, rank, dtype_name)
+    finally:
+        watch.stop()  # before the process groups go (shutdown)
+
+
+def _run(args, watch, torch_dtype, ds_config, world, rank, dtype_name):
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from iso_megatron import ISOConfig
+    from iso_megatron.patches.hf_autotp import apply_iso_hf, iso_stacks
+
 
     model = build_model(args, torch_dtype)
     engine = deepspeed.init_inference(model, config=ds_config)
@@ -156,12 +184,14 @@ def _main(args):
            "tp": engine._config.tensor_parallel.tp_size, "seq_len": ids.shape[1], "batch": ids.shape[0],
            "dtype": dtype_name, "iso": None if iso_cfg is None else vars(iso_cfg).copy()}
     if iso_cfg is not None and iso_cfg.enabled:
-        iso_ms, iso_logits, iso_tokens, plans = measure()
+        with watch.phase("prefill and generation (ISO)"):
+            iso_ms, iso_logits, iso_tokens, plans = measure()
         # what the timed prefill ran, as the stack recorded it (bounds None: stock path)
         res["iso_chunk_bounds"] = [None if p is None or p.bounds is None else list(p.bounds) for p in plans]
         res["iso_plan_reason"] = [None if p is None else p.reason for p in plans]
         apply_iso_hf(engine, ISOConfig(enabled=False))  # the same engine, stock DeepSpeed path
-        stock_ms, stock_logits, stock_tokens, _ = measure()
+        with watch.phase("prefill and generation (stock)"):
+            stock_ms, stock_logits, stock_tokens, _ = measure()
         backend = getattr(deepspeed.comm.comm, "cdb", None)
         if getattr(backend, "shm_vector_kernel_level", 0):
             # CPU: DeepSpeed's stock all-reduce is its shared-memory kernel, ISO's is
@@ -177,7 +207,8 @@ def _main(args):
                    speedup=round(stock_ms / iso_ms, 4), max_rel_logit_diff=err,
                    tokens_iso=iso_tokens, tokens_stock=stock_tokens, tokens_identical=iso_tokens == stock_tokens)
     else:
-        stock_ms, _, stock_tokens, _ = measure()
+        with watch.phase("prefill and generation (stock)"):
+            stock_ms, _, stock_tokens, _ = measure()
         res.update(prefill_ms_stock=round(stock_ms, 3), tokens_stock=stock_tokens)
 
     if rank == 0:
@@ -206,4 +237,6 @@ def _main(args):
 
 
 if __name__ == "__main__":
-    main()
+    from iso_megatron.runtime import run_main
+
+    run_main(main)

@@ -141,4 +141,6 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from iso_megatron.runtime import run_main
+
+    run_main(lambda: main(sys.argv[1:]))

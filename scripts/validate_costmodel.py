@@ -509,4 +509,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from iso_megatron.runtime import run_main
+
+    run_main(main)

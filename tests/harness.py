@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 
@@ -214,3 +215,45 @@ def run_process(cmd, timeout: float, env=None, what=None):
         _kill([proc])
         _kill_descendants(seen)
     return proc.returncode, out.decode(errors="replace")
+
+
+def run_torchrun_agents(nodes: int, argv, timeout: float, env=None, wait_for=(0,)):
+    """One torchrun agent per rank (`--nnodes nodes --nproc-per-node 1`, static rendezvous on
+    this machine), as on `nodes` machines: an agent whose worker dies does not kill the others'
+    workers, as a single agent would. Each agent runs in its own session; all, with their
+    workers, are killed once the agents of `wait_for` have exited and the others too (or 5 s
+    later), or at the deadline.
+    Returns [(returncode or None if killed, output, seconds until it exited)] per node."""
+    port = _free_port()
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    t0 = time.monotonic()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+                               "--node-rank", str(n), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                               "--master-port", str(port)] + list(argv),
+                              cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True) for n in range(nodes)]
+    seen, ended = {}, [None] * nodes
+    outs = [[] for _ in range(nodes)]
+    readers = [threading.Thread(target=lambda p=p, o=o: o.append(p.stdout.read()), daemon=True)
+               for p, o in zip(procs, outs)]
+    for r in readers:
+        r.start()
+    try:
+        while time.monotonic() - t0 < timeout:
+            for p in procs:
+                _descendants(p, seen)
+            for n, p in enumerate(procs):
+                if ended[n] is None and p.poll() is not None:
+                    ended[n] = time.monotonic() - t0
+            waited = [ended[n] for n in wait_for]
+            if None not in waited and (None not in ended or time.monotonic() - t0 > max(waited) + 5):
+                break
+            time.sleep(0.2)
+    finally:
+        _kill(procs)
+        _kill_descendants(seen)
+        for r in readers:
+            r.join(timeout=10)
+        _remove_deepspeed_shm(port)
+    return [(p.returncode if ended[n] is not None else None,
+             b"".join(outs[n]).decode(errors="replace"), ended[n]) for n, p in enumerate(procs)]

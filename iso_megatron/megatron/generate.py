@@ -10,8 +10,9 @@ only its forward and its parameters' device are used. Logits are sampled and ret
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, ContextManager, List, Optional
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
@@ -79,7 +80,10 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
 @torch.no_grad()
 def generate(model, prompt_ids: List[int], num_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 0.0, seed: int = 1234, eos_id: Optional[int] = None,
-             max_sequence_length: Optional[int] = None, device=None, progress=None) -> Generation:
+             max_sequence_length: Optional[int] = None, device=None, progress=None,
+             phase: Callable[[str], ContextManager] = lambda name: nullcontext()) -> Generation:
+    """Prefill, then decode token by token. `phase(name)` wraps each ("prefill", "decode"): a
+    launcher's fault watch (iso_megatron.faults) names the phase a lost rank was lost in."""
     device = device or next(model.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
     s = ids.size(1)
@@ -90,36 +94,38 @@ def generate(model, prompt_ids: List[int], num_tokens: int, temperature: float =
     generator = torch.Generator().manual_seed(seed)
     ctx = StaticInferenceContext(1, max_len)
     mask = prefill_mask(model, s, device)  # built before the clock, as time_prefill's
-    _sync(device)
-    t0 = time.perf_counter()
-    logits = prefill(model, ids, ctx, mask)
-    _sync(device)
+    with phase("prefill"):
+        _sync(device)
+        t0 = time.perf_counter()
+        logits = prefill(model, ids, ctx, mask)
+        _sync(device)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     prefill_logits = logits[0].float()
-    out: List[int] = []
-    forwards = 0  # the first token comes from the prefill's logits
-    t0 = time.perf_counter()
-    last = logits[:, -1].float()  # already fp32 through Float16Module; a bare half model's are not
-    ctx.sequence_len_offset = s
-    ctx.enable_decode_mode()
-    # a decode row sees every key: no mask where the attention needs none (it would take a
-    # masked, unfused path), else an all-visible row (no [P, P] mask kept for decode)
-    visible = None if mask is None else torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=device)
-    for i in range(num_tokens):
-        token = sample(last, temperature, top_k, top_p, generator)
-        out.append(int(token[0]))
-        if progress is not None:
-            progress.update(1)
-        if (eos_id is not None and out[-1] == eos_id) or i == num_tokens - 1:
-            break
-        p = s + i
-        logits = model(token[:, None], torch.full((1, 1), p, device=device),
-                       None if visible is None else visible[..., :p + 1],
-                       inference_context=ctx, runtime_gather_output=True)
-        forwards += 1
-        ctx.sequence_len_offset += 1
-        last = logits[:, -1].float()
-    _sync(device)
+    with phase("decode"):
+        out: List[int] = []
+        forwards = 0  # the first token comes from the prefill's logits
+        t0 = time.perf_counter()
+        last = logits[:, -1].float()  # already fp32 through Float16Module; a bare half model's are not
+        ctx.sequence_len_offset = s
+        ctx.enable_decode_mode()
+        # a decode row sees every key: no mask where the attention needs none (it would take a
+        # masked, unfused path), else an all-visible row (no [P, P] mask kept for decode)
+        visible = None if mask is None else torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=device)
+        for i in range(num_tokens):
+            token = sample(last, temperature, top_k, top_p, generator)
+            out.append(int(token[0]))
+            if progress is not None:
+                progress.update(1)
+            if (eos_id is not None and out[-1] == eos_id) or i == num_tokens - 1:
+                break
+            p = s + i
+            logits = model(token[:, None], torch.full((1, 1), p, device=device),
+                           None if visible is None else visible[..., :p + 1],
+                           inference_context=ctx, runtime_gather_output=True)
+            forwards += 1
+            ctx.sequence_len_offset += 1
+            last = logits[:, -1].float()
+        _sync(device)
     decode_ms = (time.perf_counter() - t0) * 1e3 / max(forwards, 1)
     return Generation(list(prompt_ids), out, prefill_ms, decode_ms, prefill_logits)
 
