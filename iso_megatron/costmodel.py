@@ -346,10 +346,21 @@ def simulate(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int]
     Transfers are not slowed by compute. Every transfer a compute can overlap is known when that
     compute is simulated: a reduce listed later starts after its own compute, so after this one.
     """
+    return simulate_stage(schedule_steps, step_costs, contention)[0]
+
+
+def simulate_stage(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int], PartCost],
+                   contention: float = 0.0, arrivals: Optional[Mapping[int, float]] = None,
+                   send_s: Optional[Mapping[int, float]] = None) -> Tuple[float, Dict[int, float]]:
+    """`simulate` for one pipeline stage (schedule.stage_schedule): `arrive` of chunk c waits
+    until `arrivals[c]` (when the stage before delivered it); `send` of chunk c starts when the
+    chunk is ready and the stage's outgoing point-to-point link is free, and takes `send_s[c]`.
+    Returns (when the stage is done, {chunk: when it arrives at the next stage})."""
     rate = 1.0 - check_contention(contention)
-    compute_free = link_free = 0.0
+    compute_free = link_free = p2p_free = 0.0
     computed: Dict[tuple, float] = {}
     reduced: Dict[tuple, float] = {}
+    delivered: Dict[int, float] = {}
     busy: List[Tuple[float, float]] = []  # the link's transfers, in time order
     first = 0
     for s in schedule_steps:
@@ -369,9 +380,27 @@ def simulate(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int]
             reduced[key] = link_free
         elif s.op == "finish":
             compute_free = max(compute_free, reduced[key])
-        else:
+        elif s.op == "arrive":
+            compute_free = max(compute_free, arrivals[s.chunk])
+        elif s.op == "send":  # the point-to-point link is the stages', not the TP group's
+            p2p_free = max(compute_free, p2p_free) + send_s[s.chunk]
+            delivered[s.chunk] = p2p_free
+        elif s.op not in ("recv", "sent"):  # recv: posted ahead; sent: waits on nothing later
             raise ValueError(f"unknown step op {s.op!r}")
-    return max(compute_free, link_free)
+    return max(compute_free, link_free, p2p_free), delivered
+
+
+def simulate_pipeline(stages: Sequence[Sequence[Step]], stage_costs: Sequence[Mapping[Tuple[str, int], PartCost]],
+                      send_s: Mapping[int, float], contention: float = 0.0) -> float:
+    """Seconds until the last stage is done (time to first token, without the first stage's
+    embedding and the last stage's output layer): the stages in order, each fed the chunk
+    arrival times of the one before (prefill only flows forward). `send_s[c]`: the transfer of
+    chunk c between two stages."""
+    arrivals: Optional[Dict[int, float]] = None
+    end = 0.0
+    for steps, costs in zip(stages, stage_costs):
+        end, arrivals = simulate_stage(steps, costs, contention, arrivals, send_s)
+    return end
 
 
 @lru_cache(maxsize=64)

@@ -84,8 +84,9 @@ class Environment(NamedTuple):
 
 
 def plan_prefill(iso, shape: ModelShape, seq_len: int, batch: int, tp: int,
-                 env: Optional[Environment] = None) -> PrefillPlan:
-    """The plan for a prefill of `seq_len` tokens (x `batch`) at tensor-parallel size `tp`.
+                 env: Optional[Environment] = None, pipeline_stages: int = 1) -> PrefillPlan:
+    """The plan for a prefill of `seq_len` tokens (x `batch`) at tensor-parallel size `tp`, in
+    one of `pipeline_stages` stages (chunks pipeline between stages even at TP 1).
 
     `iso` is an ISOConfig (None: stock). The adapters call this only after their own checks
     (training, decode, masks, ...) passed. split="auto" needs `env`; its first call in an
@@ -96,7 +97,7 @@ def plan_prefill(iso, shape: ModelShape, seq_len: int, batch: int, tp: int,
         return stock("ISO disabled")
     if iso.num_chunks < 2:
         return stock("num_chunks=1")
-    if tp < 2:
+    if tp < 2 and pipeline_stages < 2:
         return stock("tensor-parallel size 1: nothing to overlap")
     if seq_len < max(iso.min_tokens, 2):
         return stock(f"prompt of {seq_len} tokens is shorter than min_tokens={iso.min_tokens}")

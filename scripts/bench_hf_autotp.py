@@ -9,8 +9,8 @@ through shared memory, completion held to a modelled time): stock AutoTP's synch
 `LinearAllreduce` reduce (DeepSpeed's `inference_all_reduce`) as start + wait, ISO's deferred
 reduces as started and waited by the schedule. The link is calibrated per ratio R: stock's
 2 x layers all-reduces of the whole prompt take R x the prefill's compute, measured with
-communication skipped. The variants are timed round-robin (each round: compute-only stock, then
-every variant once), so the machine's drift hits them alike; the compute-only column shows it. The lm_head's reduce (vocabulary 512: half a layer's) goes over the link too, in every row.
+communication skipped. The variants are timed round-robin (each round: every variant once without
+communication, then once over the link), so the machine's drift hits them alike. The lm_head's reduce (vocabulary 512: half a layer's) goes over the link too, in every row.
 
 Rows per ratio (median over --repeats rounds, max over ranks, each after a barrier):
   stock AutoTP      two synchronous reduces per layer
@@ -160,32 +160,38 @@ def main(argv=None):
                 ("ISO merged K=1 (1 reduce/layer)" if k == 1 else f"ISO K={k} (1 reduce/layer chunk)",
                  L * k, (lambda k=k: iso_run(k))) for k in chunk_counts]
             times = {name: [] for name, _, _ in variants}
-            errs, compute_only = {}, []
-            # round-robin: every round times each variant once, so the machine's drift hits all alike
+            compute_only = {name: [] for name, _, _ in variants}
+            errs = {}
+            # round-robin: every round times each variant once with the link and once without
+            # (compute only: the same work apart from the overlap, or the row measures something
+            # else), so the machine's drift hits all alike
             for r in range(args.warmup + args.repeats):
-                c, _ = once(stock_run, no_comm_link())
                 for name, _, fn in variants:
+                    c, _ = once(fn, no_comm_link())
                     t, out = once(fn, EmulatedLink(link_model, max_bytes=max(nbytes, s * VOCAB * 4)))
                     if r >= args.warmup:
                         times[name].append(t)
+                        compute_only[name].append(c)
                     errs[name] = float((out - reference).abs().max() / reference.abs().max())
-                if r >= args.warmup:
-                    compute_only.append(c)
             base = statistics.median(times[variants[0][0]])
+            base_c = statistics.median(compute_only[variants[0][0]])
             for name, n, _ in variants:
-                ms = statistics.median(times[name])
-                rows.append((ratio, name, n, ms * 1e3, errs[name], base / ms, 1e3 * statistics.median(compute_only)))
+                ms, c = statistics.median(times[name]), statistics.median(compute_only[name])
+                rows.append((ratio, name, n, ms * 1e3, errs[name], base / ms, c * 1e3, c / base_c))
     if rank == 0:
         print(f"GPT-NeoX parallel residual, {L} layers, hidden {h}, ffn {args.ffn_hidden_size}, seq {s}, "
               f"TP {tp}, fp32; link calibrated on compute (no communication) {compute_ms:.1f} ms; "
               f"median of {args.repeats} round-robin rounds")
         print(f"{'M/C':>5}  {'run':34} {'layer reduces':>13} {'ms':>9} {'vs stock':>9} {'compute-only ms':>16} "
-              f"{'max rel. logit diff':>20}")
-        for ratio, name, n, ms, err, speedup, comp in rows:
-            print(f"{ratio:5.2f}  {name:34} {n:13d} {ms:9.1f} {speedup:8.3f}x {comp:16.1f} {err:20.2e}")
+              f"{'/ stock':>8} {'max rel. logit diff':>20}")
+        for ratio, name, n, ms, err, speedup, comp, comp_ratio in rows:
+            print(f"{ratio:5.2f}  {name:34} {n:13d} {ms:9.1f} {speedup:8.3f}x {comp:16.1f} {comp_ratio:8.3f} "
+                  f"{err:20.2e}")
     dist.barrier()
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    main()
+    from iso_megatron.runtime import run_main
+
+    run_main(main)

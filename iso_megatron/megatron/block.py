@@ -82,8 +82,9 @@ _UNSUPPORTED_ARGS = ("packed_seq_params", "attention_bias", "context", "rotary_p
 
 
 def plan_forward(iso: Optional[ISOConfig], config, training: bool, hidden_states, args,
-                 group, layers=None) -> PrefillPlan:
-    """The plan of this forward: what only Megatron knows here, then `planner.plan_prefill`.
+                 group, layers=None, pipeline_stages: int = 1) -> PrefillPlan:
+    """The plan of this forward: what only Megatron knows here, then `planner.plan_prefill`
+    (`pipeline_stages` > 1: this block is one stage of a chunked pipeline prefill).
 
     `layers` (the layers ISO would run) give split="auto" its calibration on the model's own
     layer and attention (`step_probe`, `attention_kind`); without them it calibrates on
@@ -127,7 +128,7 @@ def plan_forward(iso: Optional[ISOConfig], config, training: bool, hidden_states
                       step_probe(layers, hidden_states, args) if auto else None,
                       attention_kind(layers) if auto else None)
     return plan_prefill(iso, ModelShape.from_megatron_config(config), seq_len, hidden_states.size(1),
-                        comm.tp_size(group), env)
+                        comm.tp_size(group), env, pipeline_stages)
 
 
 def attention_kind(layers) -> str:
@@ -264,16 +265,18 @@ def _tp_group(layers):
     return compat.tp_group(layers[0].self_attention.linear_proj)
 
 
-def _prefill(layers, hidden_states, bounds, args, final=None):
+def _prefill(layers, hidden_states, bounds, args, final=None, pipe=None):
     """The ISO prefill of `layers` over `hidden_states` [s, b, h]: the output [s, b, h], each
     chunk copied into it (after `final`, e.g. the final layernorm) and dropped, so at most one
     chunk's `final` output exists beside the chunks and the output (stock: the whole
-    sequence's final-layernorm output beside its input)."""
+    sequence's final-layernorm output beside its input). `pipe` (a pipeline stage's
+    `pipeline.PipelineIO` for these bounds): the chunks arrive in `hidden_states` from the stage
+    before, and leave for the next one, as the stage schedule says."""
     chunks = [hidden_states[bounds[c]:bounds[c + 1]] for c in range(len(bounds) - 1)]
     ops = MegatronChunkOps(layers, bounds, args, hidden_states.size(1), hidden_states.device)
     reducer = comm.make_reducer(_tp_group(layers))
     with iso_mode(layers):
-        chunks = run_prefill(ops, len(layers), chunks, reducer)
+        chunks = run_prefill(ops, len(layers), chunks, reducer, pipe=pipe)
     out = None
     for c in range(len(chunks)):
         chunk, chunks[c] = chunks[c], None
@@ -333,7 +336,10 @@ class ISOTransformerBlock(TransformerBlock):
     iso_config: Optional[ISOConfig] = None
     iso_plan: Optional[PrefillPlan] = None
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, pipeline=None, **kwargs):
+        """`pipeline` (a `pipeline.PipelineIO`, passed by `pipeline.pipeline_forward` through
+        GPTModel's extra_block_kwargs): this block is one stage of a pipeline and moves the
+        prefill's hidden states itself — chunk by chunk under ISO, whole where it runs stock."""
         call = _BLOCK_FORWARD.bind(self, *args, **kwargs)
         bound = call.arguments
         bound["hidden_states"] = compat.unwrap(bound["hidden_states"])  # unwraps only once
@@ -341,9 +347,20 @@ class ISOTransformerBlock(TransformerBlock):
         if len(self.layers) == 0:
             plan = stock("no layers in this block")
         else:
+            if pipeline is not None and self.iso_config is not None and self.iso_config.split == "auto":
+                # every stage must cut the same chunks; each calibrates its own layers
+                raise ValueError("ISO split='auto' is not supported with pipeline parallelism yet: "
+                                 "use split='balanced', 'even' or explicit fractions")
             plan = plan_forward(self.iso_config, self.config, self.training, hidden_states, bound,
-                                _tp_group(self.layers), list(self.layers))
+                                _tp_group(self.layers), list(self.layers),
+                                1 if pipeline is None else pipeline.stages)
         self.iso_plan = plan
         if plan.bounds is None:
-            return super().forward(*call.args[1:], **call.kwargs)
-        return _prefill(list(self.layers), hidden_states, plan.bounds, bound, self.final_layernorm)
+            if pipeline is not None and not pipeline.first:
+                pipeline.recv_whole()  # into self.input_tensor
+            out = super().forward(*call.args[1:], **call.kwargs)
+            if pipeline is not None and not pipeline.last:
+                pipeline.send_whole(out)
+            return out
+        return _prefill(list(self.layers), hidden_states, plan.bounds, bound, self.final_layernorm,
+                        None if pipeline is None else pipeline.with_bounds(plan.bounds))

@@ -1,0 +1,54 @@
+"""Chunked pipeline parallelism with ISO inside every stage, on megatron-core pipeline stages
+(pre_process / post_process, Megatron's parallel state, gloo ranks on CPU): exact against stock
+megatron-core PP inference on the same weights — prefill logits, every stage's KV cache, greedy
+tokens — with the chunks really flowing (ISO's async reduces counted per stage)."""
+
+import pytest
+
+from tests.harness import run_ranks
+from tests.ranks import FP32_REL_TOL
+
+pytestmark = pytest.mark.multiprocess
+
+LAYERS = 4  # 2 per stage
+
+
+@pytest.fixture(scope="module")
+def tp1_pp2():
+    return [c for rank in run_ranks(2, "tests.cases_pipeline:pipeline_exactness", "llama", 1, 2, LAYERS,
+                                    [1, 7, 300], [1, 2], [2, 3], ["balanced", "even"], timeout=400)
+            for c in rank]
+
+
+@pytest.fixture(scope="module")
+def tp2_pp2():  # the 4-rank smoke case (4 processes on 2 cores)
+    return [c for rank in run_ranks(4, "tests.cases_pipeline:pipeline_exactness", "llama", 2, 2, LAYERS,
+                                    [300], [1], [2], ["balanced"], timeout=400)
+            for c in rank]
+
+
+def test_chunked_pipeline_prefill_equals_stock_pipeline(tp1_pp2):
+    assert len(tp1_pp2) == 2 * 3 * 2 * 2 * 2
+    for c in tp1_pp2:
+        assert c["layers"] == c["ref_layers"] == ([1, 2] if c["stage"] == 0 else [3, 4]), c
+        assert c["kv_err"] <= FP32_REL_TOL, c
+        assert c["tokens"] == c["ref_tokens"], c
+        if c["stage"] == 1:  # the last stage holds the logits
+            assert c["err"] is not None and c["err"] <= FP32_REL_TOL, c
+
+
+def test_every_stage_ran_iso_on_its_chunks(tp1_pp2):
+    """One async reduce per layer part per chunk in each stage's prefill (2 layers x 2 parts x K);
+    the 1-token prompt cannot be cut: stock (synchronous reduces only; TP 1 here has none)."""
+    for c in tp1_pp2:
+        expect = 0 if c["seq"] < c["k"] else 2 * 2 * c["k"]
+        assert c["async_reduces"] == expect, c
+
+
+def test_tp2_pp2_is_exact_with_iso_in_both_stages(tp2_pp2):
+    assert len(tp2_pp2) == 4
+    for c in tp2_pp2:
+        assert c["kv_err"] <= FP32_REL_TOL and c["tokens"] == c["ref_tokens"], c
+        assert c["async_reduces"] == 2 * 2 * c["k"], c  # ISO's TP reduces, per stage
+        if c["stage"] == 1:
+            assert c["err"] <= FP32_REL_TOL, c
