@@ -77,8 +77,8 @@ def prepare_args(argv=None):
     args, parser = margs.parse_args(add_inference_args, argv,
                                     margs.EMBEDDED_DEFAULT if embedded else None)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.tensor_model_parallel_size is None:
-        args.tensor_model_parallel_size = world
+    if args.tensor_model_parallel_size is None:  # the processes a pipeline stage has
+        args.tensor_model_parallel_size = max(1, world // max(1, args.pipeline_model_parallel_size))
     if args.load is None:
         if args.use_checkpoint_args:
             fail(parser, "--use-checkpoint-args needs --load")
@@ -256,6 +256,7 @@ def init_distributed(args):
     device = init_process_group("cuda" if cuda else "cpu", timeout)
     # Megatron's groups take the same bound (their own default is 30 minutes)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
                                              distributed_timeout_minutes=timeout.total_seconds() / 60)
     torch.manual_seed(args.seed)
     if cuda:
@@ -273,9 +274,17 @@ def build_model(args, device):
     from iso_megatron.megatron.args import gpt_model_kwargs, layer_spec, transformer_config
     from iso_megatron.megatron.precision import float16_module
 
+    from megatron.core import parallel_state as ps
+
+    from iso_megatron.megatron.cpu import tensor_cuda_on_cpu
+
     config = transformer_config(args)
     spec = get_gpt_layer_iso_spec(layer_spec(args), args.iso_config)
-    model = GPTModel(config, spec, **gpt_model_kwargs(args))
+    # a pipeline stage builds its part: embedding on the first, output layer on the last (with
+    # tied embeddings megatron syncs the two copies at build time, moving them with .cuda())
+    with tensor_cuda_on_cpu(device.type == "cpu" and args.pipeline_model_parallel_size > 1):
+        model = GPTModel(config, spec, pre_process=ps.is_pipeline_first_stage(),
+                         post_process=ps.is_pipeline_last_stage(), **gpt_model_kwargs(args))
     if args.load:
         from iso_megatron.megatron.checkpoint import load_checkpoint
 

@@ -80,6 +80,16 @@ def _prepare(argv, world=1, monkeypatch=None):
     (["--deepspeed-config", "x.json"], 1, "--deepspeed-config needs --deepspeed"),
     (["--deepspeed", "--deepspeed-config", "BAD_JSON"], 1, "Expecting property name"),
     (["--load", "A_FILE"], 1, "a file, not a checkpoint directory"),
+    (["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "2"], 2,
+     "--tensor-model-parallel-size (2) x --pipeline-model-parallel-size (2) must equal the number of processes (2)"),
+    (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"], 2,
+     "virtual pipeline stages"),
+    (["--pipeline-model-parallel-size", "2", "--iso-split", "auto"], 2, "--iso-split auto with --pipeline"),
+    (["--pipeline-model-parallel-size", "2", "--deepspeed"], 2, "with --deepspeed is not supported"),
+    (["--pipeline-model-parallel-size", "3", "--num-layers", "4"], 3, "--num-layers (4) does not split over 3"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--decoder-first-pipeline-num-layers", "4"],
+     2, "the other stages need an equal number of layers, at least one each"),
+    (["--decoder-last-pipeline-num-layers", "1"], 1, "need --pipeline-model-parallel-size > 1"),
 ])
 def test_flag_errors_are_megatron_style(argv, world, message, monkeypatch, capsys, tmp_path):
     bad_json, a_file = tmp_path / "ds.json", tmp_path / "model_optim_rng.pt"

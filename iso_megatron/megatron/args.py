@@ -41,6 +41,14 @@ ATTENTION_BACKENDS = ("flash", "fused", "unfused", "local", "auto")
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = cli.add_shape_args(p)  # the shape flags every launcher shares; Megatron-only ones below
     g.add_argument("--kv-channels", type=int, help="default hidden/heads")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages (processes = TP x PP); a prompt's chunks flow through them")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="layers of the first stage where the split is uneven")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="layers of the last stage where the split is uneven")
+    for flag in ("--virtual-pipeline-model-parallel-size", "--num-layers-per-virtual-pipeline-stage"):
+        g.add_argument(flag, type=int, default=None, help="not supported (an error)")
     g.add_argument("--seq-length", type=int)
     g.add_argument("--max-position-embeddings", type=int)
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "none"],
@@ -112,10 +120,15 @@ def check_args(args, world_size: int) -> List[str]:
             errors.append(f"{flag} is required (or --load with --use-checkpoint-args)")
     if errors:
         return errors
-    tp = args.tensor_model_parallel_size
-    if tp != world_size:
-        errors.append(f"--tensor-model-parallel-size ({tp}) must equal the number of processes "
-                      f"({world_size}); run torchrun --nproc-per-node {tp}")
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    if pp < 1:
+        errors.append(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
+        return errors
+    if tp * pp != world_size:
+        sizes = f"--tensor-model-parallel-size ({tp})" + (f" x --pipeline-model-parallel-size ({pp})" if pp > 1 else "")
+        errors.append(f"{sizes} must equal the number of processes ({world_size}); run torchrun "
+                      f"--nproc-per-node {tp * pp}")
+    errors += pipeline_errors(args)
     if args.bf16 and args.fp16:
         errors.append("--bf16 and --fp16 are mutually exclusive")
     if args.hidden_size % args.num_attention_heads and args.kv_channels is None:
@@ -141,6 +154,37 @@ def check_args(args, world_size: int) -> List[str]:
     return errors
 
 
+def pipeline_errors(args) -> List[str]:
+    """What Megatron-LM would refuse about the pipeline flags, said before any process group."""
+    pp, layers = args.pipeline_model_parallel_size, args.num_layers
+    first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
+    errors = []
+    if args.virtual_pipeline_model_parallel_size or args.num_layers_per_virtual_pipeline_stage:
+        errors.append("virtual pipeline stages (--virtual-pipeline-model-parallel-size, "
+                      "--num-layers-per-virtual-pipeline-stage) are not supported: one stage per rank")
+    if pp == 1:
+        if first is not None or last is not None:
+            errors.append("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
+        return errors
+    if getattr(args, "deepspeed", False):
+        errors.append("--pipeline-model-parallel-size > 1 with --deepspeed is not supported")
+    split = getattr(getattr(args, "iso_config", None), "split", None)
+    if isinstance(split, str) and split == "auto":
+        errors.append("--iso-split auto with --pipeline-model-parallel-size > 1 is not supported yet "
+                      "(every stage must cut the same chunks): use balanced, even or fractions")
+    fixed = [n for n in (first, last) if n is not None]
+    if any(n < 1 for n in fixed):
+        errors.append("--decoder-first/last-pipeline-num-layers must be >= 1")
+        return errors
+    middle_stages, middle_layers = pp - len(fixed), layers - sum(fixed)
+    if middle_layers < middle_stages or (middle_stages == 0 and middle_layers != 0) or \
+            (middle_stages and middle_layers % middle_stages):
+        errors.append(f"--num-layers ({layers}) does not split over {pp} pipeline stages"
+                      + (f" with {first} first / {last} last stage layers" if fixed else "")
+                      + ": the other stages need an equal number of layers, at least one each")
+    return errors
+
+
 def transformer_config(args):
     """megatron.core TransformerConfig from Megatron-LM args (inference: no dropout)."""
     from megatron.core.transformer import TransformerConfig
@@ -162,7 +206,18 @@ def transformer_config(args):
         bf16=args.bf16, fp16=args.fp16, use_cpu_initialization=not torch.cuda.is_available(),
         bias_dropout_fusion=False, apply_rope_fusion=False,
         masked_softmax_fusion=fused_softmax_available(),
-        gradient_accumulation_fusion=False, persist_layer_norm=False)
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        **pipeline_config(args, dtype))
+
+
+def pipeline_config(args, dtype) -> dict:
+    """TransformerConfig's pipeline fields, as Megatron-LM maps its flags (empty at PP 1)."""
+    pp = getattr(args, "pipeline_model_parallel_size", 1)
+    if pp == 1:
+        return {}
+    return dict(pipeline_model_parallel_size=pp, pipeline_dtype=dtype,
+                num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+                num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers)
 
 
 def layer_spec(args):

@@ -20,6 +20,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from ..cli import median, time_ms
 from . import compat
 from .cpu import causal_mask
+from .pipeline import broadcast_from_last_stage, logits_on_every_stage, pipeline_forward, pipeline_size
 
 
 @dataclass
@@ -51,11 +52,15 @@ def _core_attentions(model):
 
 
 def prefill(model, ids: torch.Tensor, ctx: StaticInferenceContext, mask: Optional[torch.Tensor]):
-    """Logits [b, s, vocab] for every prompt position; fills ctx's KV cache."""
+    """Logits [b, s, vocab] for every prompt position (fp32; on every pipeline stage); fills
+    ctx's KV cache (a pipeline stage: its layers')."""
     b, s = ids.shape
     compat.full_prefill_logits(ctx)
     pos = torch.arange(s, device=ids.device)[None].expand(b, s)
     mask = None if mask is None else mask[..., :s, :s]
+    if pipeline_size() > 1:  # chunks flow through the stages (ISO blocks), the logits come back
+        logits = pipeline_forward(model, ids, pos, mask, ctx, chunked=True)
+        return logits_on_every_stage(model, logits, (b, s))
     return model(ids, pos, mask, inference_context=ctx, runtime_gather_output=True)
 
 
@@ -112,19 +117,24 @@ def generate(model, prompt_ids: List[int], num_tokens: int, temperature: float =
         # masked, unfused path), else an all-visible row (no [P, P] mask kept for decode)
         visible = None if mask is None else torch.zeros(1, 1, 1, max_len, dtype=torch.bool, device=device)
         for i in range(num_tokens):
-            token = sample(last, temperature, top_k, top_p, generator)
+            # pipeline: the last stage samples, every stage gets its token (a no-op without)
+            token = broadcast_from_last_stage(sample(last, temperature, top_k, top_p, generator)
+                                              if last is not None else torch.zeros(1, dtype=torch.long, device=device))
             out.append(int(token[0]))
             if progress is not None:
                 progress.update(1)
             if (eos_id is not None and out[-1] == eos_id) or i == num_tokens - 1:
                 break
             p = s + i
-            logits = model(token[:, None], torch.full((1, 1), p, device=device),
-                           None if visible is None else visible[..., :p + 1],
-                           inference_context=ctx, runtime_gather_output=True)
+            args = (token[:, None], torch.full((1, 1), p, device=device),
+                    None if visible is None else visible[..., :p + 1])
+            if pipeline_size() > 1:  # stock PP decode: whole transfers, logits on the last stage
+                logits = pipeline_forward(model, *args, ctx, chunked=False)
+            else:
+                logits = model(*args, inference_context=ctx, runtime_gather_output=True)
             forwards += 1
             ctx.sequence_len_offset += 1
-            last = logits[:, -1].float()
+            last = None if logits is None else logits[:, -1].float()
         _sync(device)
     decode_ms = (time.perf_counter() - t0) * 1e3 / max(forwards, 1)
     return Generation(list(prompt_ids), out, prefill_ms, decode_ms, prefill_logits)

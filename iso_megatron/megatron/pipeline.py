@@ -111,3 +111,16 @@ def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
         dist.broadcast(tensor, src=ps.get_pipeline_model_parallel_last_rank(),
                        group=ps.get_pipeline_model_parallel_group())
     return tensor
+
+
+def logits_on_every_stage(model, logits: Optional[torch.Tensor], batch_seq) -> torch.Tensor:
+    """The last stage's logits [b, s, vocab] (fp32) on every stage of this pipeline (the
+    launcher's rank 0, on the first stage, reports them)."""
+    if pipeline_size() == 1:
+        return logits
+    b, s = batch_seq
+    if logits is None:
+        logits = torch.empty(b, s, _gpt(model).vocab_size, dtype=torch.float32,
+                             device=torch.device("cuda", torch.cuda.current_device())
+                             if torch.cuda.is_available() else torch.device("cpu"))
+    return broadcast_from_last_stage(logits.float().contiguous())

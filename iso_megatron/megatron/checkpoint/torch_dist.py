@@ -108,6 +108,14 @@ def read_common_state(directory: str, trust_checkpoint: bool = False) -> Tuple[d
     return value, item.relative_path
 
 
+def _other_stages(model, key: str) -> bool:
+    """A key a pipeline stage does not hold: the embedding before the first stage's layers, the
+    final norm and output layer after the last stage's (the layers are one global tensor)."""
+    if not getattr(model, "pre_process", True) and key.startswith("embedding."):
+        return True
+    return not getattr(model, "post_process", True) and key.startswith(("decoder.final_layernorm", "output_layer"))
+
+
 def _dist_request(model, info: CheckpointInfo) -> dict:
     """model.sharded_state_dict() without `_extra_state`, checked against the saved metadata."""
     from megatron.core import dist_checkpointing
@@ -135,7 +143,7 @@ def _dist_request(model, info: CheckpointInfo) -> dict:
     saved = {k: tuple(v.global_shape) for k, v in saved.items()}
     _check_distcp_sizes(info.directory, metadata)
     missing = set(expected) - set(saved)
-    unexpected = {k for k in saved if k.startswith(_MODEL_PREFIXES)} - set(expected)
+    unexpected = {k for k in saved if k.startswith(_MODEL_PREFIXES) and not _other_stages(model, k)} - set(expected)
     if missing or unexpected:
         raise _mismatch(f"the torch_dist checkpoint in {info.directory}", missing, unexpected,
                         missing, unexpected)
