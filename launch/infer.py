@@ -268,15 +268,13 @@ def build_model(args, device):
     """The GPTModel as Megatron-LM builds it for inference: params_dtype from --bf16/--fp16,
     the checkpoint loaded into the GPTModel itself (its own keys), ISO applied, then megatron-core's
     Float16Module around it for --bf16/--fp16 (logits come out fp32), then DeepSpeed's engine."""
+    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     from iso_megatron import apply_iso, get_gpt_layer_iso_spec
     from iso_megatron.megatron.args import gpt_model_kwargs, layer_spec, transformer_config
-    from iso_megatron.megatron.precision import float16_module
-
-    from megatron.core import parallel_state as ps
-
     from iso_megatron.megatron.cpu import tensor_cuda_on_cpu
+    from iso_megatron.megatron.precision import float16_module
 
     config = transformer_config(args)
     spec = get_gpt_layer_iso_spec(layer_spec(args), args.iso_config)
