@@ -31,7 +31,8 @@ CASES = [
     ("kill:prefill:1", [], 0, "rank 1 was lost during prefill"),
     ("kill:decode:1", [], 0, "rank 1 was lost during decode"),
     ("kill:load:1", LOAD, 0, "rank 1 was lost during loading the checkpoint"),
-    ("kill:prefill:0", [], 1, "rank 0's node was lost during prefill"),  # node 0's agent holds the store
+    # node 0's agent holds the store: gone with it ("rank 0's node"), or not yet ("rank 0")
+    ("kill:prefill:0", [], 1, ("rank 0's node was lost during prefill", "rank 0 was lost during prefill")),
     ("stop:prefill:1", [], 0, "rank 1 was lost during prefill"),  # alive but silent: the timeout
     ("raise:prefill:1", [], 0, "rank 1 failed during prefill: RuntimeError: injected fault on rank 1"),
     ("raise:calibrate:1", ["--iso-split", "auto"], 0,
@@ -58,7 +59,7 @@ def test_every_rank_stops_naming_the_lost_rank(fault, flags, speaker, message):
     assert f"[fault_runner] rank {faulty}:" in results[faulty][1], "the fault was not injected\n" + where
     assert rc is not None and rc != 0, where  # exited by itself, with an error
     assert f"error: rank {speaker}: " in log or (speaker == 0 and "error: " in log), where
-    assert message in log, where
+    assert any(m in log for m in ((message,) if isinstance(message, str) else message)), where
     # bounded: start-up (~10-20 s here) plus, for a silent rank, the timeout; never a hang
     assert ended < 120 + (TIMEOUT_S if fault.startswith("stop") else 0), where
     if fault.startswith("raise"):  # the failing rank exits with its own message too
