@@ -55,6 +55,8 @@ def test_every_rank_stops_naming_the_lost_rank(fault, flags, speaker, message):
         env={"ISO_TEST_FAULT": fault, "ISO_MEGATRON_TEST_DISTRIBUTED_TIMEOUT_S": str(TIMEOUT_S)},
         wait_for=(speaker,))
     rc, log, ended = results[speaker]
+    print(f"\n{fault}: " + "; ".join(  # the note's table: each agent's exit code and time to exit
+        f"node {n} rc {r[0]} after {'-' if r[2] is None else f'{r[2]:.1f}'} s" for n, r in enumerate(results)))
     where = f"{fault}: rank {speaker}'s agent (rc {rc}, after {ended} s)\n{log[-3000:]}"
     assert f"[fault_runner] rank {faulty}:" in results[faulty][1], "the fault was not injected\n" + where
     assert rc is not None and rc != 0, where  # exited by itself, with an error
