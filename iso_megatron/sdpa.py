@@ -9,6 +9,8 @@ fused kernel runs it, and nothing of size [s, s] is built for it.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import CausalBias, CausalVariant, causal_lower_right
@@ -67,7 +69,16 @@ def causal_attention(q, k, v, scale: float, dropout_p: float = 0.0):
         return causal_attention_by_blocks(q, k, v, scale, _cpu_flash_with_lse)
     if path == "cudnn_blocks":
         return causal_attention_by_blocks(q, k, v, scale, _cudnn_with_lse)
-    return grouped_sdpa(q, k, v, attn_mask=causal_lower_right(sq, sk), dropout_p=dropout_p, scale=scale)
+    return grouped_sdpa(q, k, v, attn_mask=_lower_right(sq, sk), dropout_p=dropout_p, scale=scale)
+
+
+# torch's CausalBias is a tensor subclass built on an uninitialised [2, sq, sk] float tensor (the
+# legacy constructor: 268 MB of host memory at 4096 x 8192 queries x keys), and it cannot be built
+# while a TorchDispatchMode is active (scripts/gpu_check.py's sync counter). Every layer of one
+# prefill asks for the same few shapes: one mask per shape, built once.
+@lru_cache(maxsize=8)
+def _lower_right(sq: int, sk: int) -> CausalBias:
+    return causal_lower_right(sq, sk)
 
 
 # torch's CPU flash kernel (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp) takes 256-query
@@ -101,12 +112,12 @@ def chunk_path(q, k, dropout_p: float = 0.0) -> str:
       cpu_flash_blocks  CPU: its flash kernel computes every block under `causal_lower_right`,
                         but skips them under `is_causal`: past block + diagonal block, merged
                         (257-767 queries: in slices of 256, each its past + diagonal block)
-      cudnn_blocks      CUDA where torch's cuDNN attention takes both blocks (bf16/fp16, K/V not
-                        grouped): the kernel SDPA picks for a whole causal prompt there, and it
-                        has no bottom-right form (`scripts/attention_timing.py --device cuda`)
-      lower_right       torch's `causal_lower_right` (flash / memory-efficient kernels); also
-                        for grouped K/V, which flash takes as they are (cuDNN would need them
-                        repeated to the query heads: a copy stock's prompt does not make)
+      cudnn_blocks      CUDA where torch's cuDNN attention takes both blocks (bf16/fp16; grouped
+                        K/V as they are where it takes them): the kernel SDPA picks for a whole
+                        causal prompt there, and it has no bottom-right form. On an H200
+                        (torch 2.11) stock's grouped prompt ran on cuDNN, and a later chunk on
+                        flash instead took 1.6x the time of its share (docs/gpu_results.md)
+      lower_right       torch's `causal_lower_right` (flash / memory-efficient kernels)
     """
     if q.device.type == "cpu":
         if dropout_p:
@@ -150,10 +161,9 @@ def _cudnn_takes_blocks(q, k) -> bool:
         return False
     from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
 
-    if k.size(1) != q.size(1):
-        return False
+    grouped = k.size(1) != q.size(1)  # grouped K/V where torch's cuDNN attention takes them
     past = k.size(2) - q.size(2)
-    return all(can_use_cudnn_attention(SDPAParams(q, kk, kk, None, 0.0, causal, False))
+    return all(can_use_cudnn_attention(SDPAParams(q, kk, kk, None, 0.0, causal, grouped))
                for kk, causal in ((k[:, :, :past], False), (k[:, :, past:], True)))
 
 

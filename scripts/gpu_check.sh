@@ -9,7 +9,7 @@
 # checkout (PYTHONPATH=.). Everything else goes to scripts/gpu_check.py (see its --help): it
 # writes OUT/gpu_check.json and the logs, and its exit status is this script's
 # (0 passed, 1 failed, 2 bad arguments, 3 dry run). PYTHON picks the interpreter (default python3);
-# GPU_CHECK_TIMEOUT_S is the hard wall-clock limit (default 225 s).
+# GPU_CHECK_TIMEOUT_S is the hard wall-clock limit (default 245 s).
 set -uo pipefail
 PYTHON=${PYTHON:-python3}
 WHEELS="" OUT="" ARGS=()
@@ -52,8 +52,8 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-timeout --kill-after=10 "${GPU_CHECK_TIMEOUT_S:-225}" "$PYTHON" scripts/gpu_check.py "${ARGS[@]}"
+timeout --kill-after=10 "${GPU_CHECK_TIMEOUT_S:-245}" "$PYTHON" scripts/gpu_check.py "${ARGS[@]}"
 rc=$?
 [ -n "$WHEELS" ] && rm -rf "$SITE"
-[ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "[gpu_check.sh] killed at the ${GPU_CHECK_TIMEOUT_S:-225} s limit; $OUT/gpu_check.json has what had finished" >&2
+[ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "[gpu_check.sh] killed at the ${GPU_CHECK_TIMEOUT_S:-245} s limit; $OUT/gpu_check.json has what had finished" >&2
 exit $rc

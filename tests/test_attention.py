@@ -497,6 +497,26 @@ def test_causal_attention_by_blocks_matches_torch_with_a_mask(sq, sk, calls, gro
         assert rel_err(causal_attention_by_blocks(q, k, v, 0.2), want) <= FP32_REL_TOL
 
 
+def test_lower_right_mask_is_built_once_per_shape_and_works_under_a_dispatch_mode():
+    """The mask of the CUDA `lower_right` chunk path (torch's CausalBias) is built once per
+    (queries, keys): torch builds one on an uninitialised [2, sq, sk] tensor, and cannot build
+    one while a TorchDispatchMode is active (scripts/gpu_check.py's sync counter crashed on it
+    on an H200: docs/gpu_results.md). The mask itself still means bottom-right causal."""
+    from iso_megatron.sdpa import _lower_right, grouped_sdpa
+
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 8, 5, 16, generator=g)
+    k, v = (torch.randn(1, 2, 9, 16, generator=g) for _ in range(2))
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                          attn_mask=_explicit_lower_right(5, 9))
+    first = _lower_right(5, 9)
+    with OpLog():
+        mask = _lower_right(5, 9)
+        got = grouped_sdpa(q, k, v, attn_mask=mask)
+    assert mask is first
+    assert rel_err(got, want) <= FP32_REL_TOL
+
+
 def test_causal_attention_by_blocks_bf16():
     from iso_megatron.sdpa import causal_attention_by_blocks
 

@@ -21,7 +21,7 @@ from tests.harness import ROOT, run_process
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 DRY_RUN_EXIT = 3
-TIMEOUT_S = 300  # ~65 s measured on the loaded 2-core machine; the script's own limit is 225 s
+TIMEOUT_S = 300  # ~65 s measured on the loaded 2-core machine; the script's own limit is 245 s
 
 
 def _gpu_check_module():
@@ -189,3 +189,18 @@ def test_shell_wrapper_needs_an_out_folder_and_real_wheels(tmp_path):
     proc = subprocess.run(["bash", SCRIPT, "--out", str(tmp_path / "o"), "--wheels", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "no *.whl" in proc.stderr
+
+
+@pytest.mark.multiprocess
+def test_profile_script_dry_run_compares_stock_and_a_real_iso_split(tmp_path):
+    """scripts/gpu_profile_chunks.py (the diagnosis behind docs/gpu_results.md) on CPU: it runs
+    stock and ISO on the proxy bench's code path, ISO really split, and writes its tables."""
+    rc, output = run_process([sys.executable, os.path.join(ROOT, "scripts", "gpu_profile_chunks.py"),
+                              "--out", str(tmp_path), "--seq-lens", "96", "--repeats", "1"], timeout=120,
+                             env={"PYTHONPATH": ROOT})
+    assert rc == 0, output[-3000:]
+    rows = [r for r in (line.split() for line in output.splitlines())
+            if len(r) > 2 and r[0] == "96" and r[1] in ("stock", "iso")]
+    assert [r[1] for r in rows] == ["stock", "iso"], output[-2000:]
+    assert rows[0][2] == "None" and rows[1][2] == "[0," and rows[1][4] == "96]", rows  # ISO split
+    assert sorted(os.listdir(tmp_path)) == ["kernels_96_iso.txt", "kernels_96_stock.txt"]
