@@ -217,21 +217,30 @@ def run_process(cmd, timeout: float, env=None, what=None):
     return proc.returncode, out.decode(errors="replace")
 
 
-def run_torchrun_agents(nodes: int, argv, timeout: float, env=None, wait_for=(0,)):
-    """One torchrun agent per rank (`--nnodes nodes --nproc-per-node 1`, static rendezvous on
-    this machine), as on `nodes` machines: an agent whose worker dies does not kill the others'
-    workers, as a single agent would. Each agent runs in its own session; all, with their
-    workers, are killed once the agents of `wait_for` have exited and the others too (or 5 s
-    later), or at the deadline.
-    Returns [(returncode or None if killed, output, seconds until it exited)] per node."""
+def run_torchrun_agents(nodes: int, argv, timeout: float, env=None, wait_for=(0,),
+                        nproc_per_node: int = 1, rendezvous: str = "static"):
+    """One torchrun agent per node (`--nnodes nodes --nproc-per-node N`) on this machine, as on
+    `nodes` machines: an agent whose worker dies does not kill the others' workers, as a single
+    agent would. `rendezvous`: "static" (`--node-rank n`, rank 0's agent hosts the store) or
+    "c10d" (`--rdzv-backend c10d`, as a multi-node job is started: the agents take node ranks in
+    the order they join). Each agent runs in its own session; all, with their workers, are
+    killed once the agents of `wait_for` have exited and the others too (or 5 s later), or at
+    the deadline.
+    Returns [(returncode or None if killed, output, seconds until it exited)] per agent."""
+    if rendezvous not in ("static", "c10d"):
+        raise ValueError(f"rendezvous must be 'static' or 'c10d', got {rendezvous!r}")
     port = _free_port()
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     t0 = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
-                               "--node-rank", str(n), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-                               "--master-port", str(port)] + list(argv),
-                              cwd=ROOT, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              start_new_session=True) for n in range(nodes)]
+
+    def agent(n):
+        where = (["--node-rank", str(n), "--master-addr", "127.0.0.1", "--master-port", str(port)]
+                 if rendezvous == "static" else
+                 ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"iso-test-{port}"])
+        return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
+                "--nproc-per-node", str(nproc_per_node), *where]
+    procs = [subprocess.Popen(agent(n) + list(argv), cwd=ROOT, env=run_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, start_new_session=True) for n in range(nodes)]
     seen, ended = {}, [None] * nodes
     outs = [[] for _ in range(nodes)]
     readers = [threading.Thread(target=lambda p=p, o=o: o.append(p.stdout.read()), daemon=True)

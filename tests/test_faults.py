@@ -25,6 +25,7 @@ TIMEOUT_S = 15  # the process groups' timeout in these tests
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "ckpt")
 LOAD = ["--load", None, "--use-checkpoint-args", "--iso-min-tokens", "0",
         "--prompt-token-ids", "5,6,7,8,9,10,11,12"]  # the fixtures' positions end at 32
+PP2 = ["--pipeline-model-parallel-size", "2", "--tensor-model-parallel-size", "1"]
 
 # (fault, extra flags, the rank that must speak, what it must say)
 CASES = [
@@ -37,6 +38,10 @@ CASES = [
     ("raise:prefill:1", [], 0, "rank 1 failed during prefill: RuntimeError: injected fault on rank 1"),
     ("raise:calibrate:1", ["--iso-split", "auto"], 0,
      "calibration failed on 1 rank(s) (rank 1: RuntimeError: injected fault on rank 1"),
+    # a dead pipeline stage (TP 1 x PP 2, one stage per node): the last stage dies while chunks
+    # flow to it; the first dies while the last waits for its chunks
+    ("kill:prefill:1", PP2, 0, "rank 1 was lost during prefill"),
+    ("kill:prefill:0", PP2, 1, ("rank 0's node was lost during prefill", "rank 0 was lost during prefill")),
 ]
 
 
@@ -45,7 +50,8 @@ def _fixture() -> str:
     return os.path.join(FIXTURE, "mcore-0.16.1", "gpt-tp2", "checkpoint")
 
 
-@pytest.mark.parametrize("fault,flags,speaker,message", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("fault,flags,speaker,message", CASES,
+                         ids=[c[0] + ("-pp2" if c[1] is PP2 else "") for c in CASES])
 def test_every_rank_stops_naming_the_lost_rank(fault, flags, speaker, message):
     flags = [_fixture() if f is None else f for f in flags]
     faulty = int(fault.split(":")[2])
