@@ -14,9 +14,9 @@ embedding / output layer is left out (the same with and without ISO).
 Boundaries come from `planner.chunk_boundaries` (rounded to 64-token tiles where the prompt is
 long enough), so a prediction is of the chunks that run.
 
-`simulate` runs the executor's schedule (`schedule.prefill_schedule`, or for parallel-residual
-models `schedule.parallel_prefill_schedule`, whose one `MERGED` step per layer chunk costs the
-attention and MLP computes and ONE all-reduce) on two resources, the compute stream and the link.
+`simulate` runs the executor's schedule (`schedule.prefill_schedule`; for parallel-residual
+models its `parts=(MERGED,)` form, whose one `MERGED` step per layer chunk costs the attention
+and MLP computes and ONE all-reduce) on two resources, the compute stream and the link.
 A model is parallel-residual where its shape says so (`ModelShape.parallel_residual`; the
 presets are sequential); the baseline is always
 stock's sequential schedule (stock AutoTP reduces attention and MLP separately).

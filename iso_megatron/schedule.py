@@ -26,7 +26,7 @@ chunk carries both (stock AutoTP reduces each separately: two per layer). Per la
 
   layer(0) layer(1) ... layer(K-1)
 
-(`parallel_prefill_schedule`); each reduce overlaps the next chunk's compute, the last chunk's
+(`prefill_schedule(..., parts=(MERGED,))`); each reduce overlaps the next chunk's compute, the last chunk's
 the next layer's first chunk. At K = 1 nothing overlaps but the reduces are halved.
 
 A pipeline stage (`stage_schedule`, one per stage of a pipeline-parallel model) runs its layers
@@ -61,46 +61,30 @@ class Step(NamedTuple):
     chunk: int
 
 
-def prefill_schedule(num_layers: int, num_chunks: int) -> List[Step]:
-    """The whole prefill's steps over `num_layers` layers, `num_chunks` sequence chunks."""
+def prefill_schedule(num_layers: int, num_chunks: int, parts: Tuple[str, ...] = PARTS) -> List[Step]:
+    """The whole prefill's steps over `num_layers` layers, `num_chunks` sequence chunks, each
+    layer's `parts` in order (`PARTS`; `(MERGED,)` for parallel-residual layers)."""
     if num_layers < 1 or num_chunks < 1:
         raise ValueError(f"need num_layers >= 1 and num_chunks >= 1, got {num_layers}, {num_chunks}")
+    if not parts:
+        raise ValueError("need at least one part per layer")
     steps: List[Step] = []
     for layer in range(num_layers):
-        for c in range(num_chunks):
-            if layer > 0:  # chunk c's output of the previous layer is first read here
-                steps.append(Step("finish", layer - 1, "mlp", c))
-            steps += [Step("compute", layer, "attn", c), Step("reduce", layer, "attn", c)]
-        for c in range(num_chunks):
-            steps += [
-                Step("finish", layer, "attn", c),
-                Step("compute", layer, "mlp", c),
-                Step("reduce", layer, "mlp", c),
-            ]
+        for i, part in enumerate(parts):
+            before = (layer, parts[i - 1]) if i else (layer - 1, parts[-1])
+            for c in range(num_chunks):
+                if before[0] >= 0:  # chunk c's output of the part before is first read here
+                    steps.append(Step("finish", before[0], before[1], c))
+                steps += [Step("compute", layer, part, c), Step("reduce", layer, part, c)]
     # drain: the block's output needs every chunk of the last layer
-    steps += [Step("finish", num_layers - 1, "mlp", c) for c in range(num_chunks)]
-    return steps
-
-
-def parallel_prefill_schedule(num_layers: int, num_chunks: int) -> List[Step]:
-    """The prefill's steps for parallel-residual layers: one `MERGED` part per layer chunk."""
-    if num_layers < 1 or num_chunks < 1:
-        raise ValueError(f"need num_layers >= 1 and num_chunks >= 1, got {num_layers}, {num_chunks}")
-    steps: List[Step] = []
-    for layer in range(num_layers):
-        for c in range(num_chunks):
-            if layer > 0:  # chunk c's output of the previous layer is first read here
-                steps.append(Step("finish", layer - 1, MERGED, c))
-            steps += [Step("compute", layer, MERGED, c), Step("reduce", layer, MERGED, c)]
-    steps += [Step("finish", num_layers - 1, MERGED, c) for c in range(num_chunks)]
+    steps += [Step("finish", num_layers - 1, parts[-1], c) for c in range(num_chunks)]
     return steps
 
 
 def schedule_for(num_layers: int, num_chunks: int, parallel_residual: bool = False) -> List[Step]:
-    """The schedule the executor walks: `parallel_prefill_schedule` for parallel-residual
-    layers, else `prefill_schedule`."""
-    make = parallel_prefill_schedule if parallel_residual else prefill_schedule
-    return make(num_layers, num_chunks)
+    """The schedule the executor walks: one `MERGED` part per layer chunk for parallel-residual
+    layers, attention then MLP otherwise."""
+    return prefill_schedule(num_layers, num_chunks, (MERGED,) if parallel_residual else PARTS)
 
 
 def wavefront_cells(num_layers: int, num_chunks: int, width: int) -> List[List[Tuple[int, int]]]:

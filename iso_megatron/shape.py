@@ -22,7 +22,7 @@ class ModelShape:
     vocab: int = 0
     kv_channels: Optional[int] = None  # per-head width; default hidden // num_heads
     # attention and MLP read the same input (GPT-NeoX, GPT-J, Falcon, Phi): ISO reduces their
-    # partial sums once per layer chunk (schedule.parallel_prefill_schedule)
+    # partial sums once per layer chunk (schedule.schedule_for)
     parallel_residual: bool = False
 
     @property

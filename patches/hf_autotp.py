@@ -35,7 +35,7 @@ Families (`FAMILIES`): Llama, Mistral, Qwen2 (RMSNorm, SwiGLU, RoPE, GQA), OPT (
 biases, pre- or post-LN), GPT-NeoX / Pythia (use_parallel_residual True or False), GPT-J, Falcon
 (the 7B layout with parallel_attn, new_decoder_architecture, or sequential) and Phi (partial
 RoPE, biases). Parallel-residual layers (attention and MLP read the same input and land on the
-same residual: Pythia, GPT-J, Falcon, Phi) run `schedule.parallel_prefill_schedule`: per layer
+same residual: Pythia, GPT-J, Falcon, Phi) run `schedule.schedule_for(..., parallel_residual=True)`: per layer
 chunk, the attention and MLP partial sums are added locally and reduced ONCE (both biases after
 the reduce, as each LinearAllreduce adds its own), half the all-reduces of stock AutoTP.
 Refused with a ValueError (stock AutoTP itself is wrong or ISO cannot follow): Falcon's

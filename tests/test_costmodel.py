@@ -473,22 +473,22 @@ def test_iso_slows_monotonically_with_contention():
 # ---- parallel residual: the merged schedule ------------------------------------------------
 
 def test_parallel_residual_one_chunk_pays_one_all_reduce_per_layer():
-    from iso_megatron.schedule import parallel_prefill_schedule
+    from iso_megatron.schedule import MERGED, prefill_schedule
 
     costs = {("attn", 0): cm.PartCost(0.5, 0.25), ("mlp", 0): cm.PartCost(0.75, 0.25)}
-    assert cm.simulate(parallel_prefill_schedule(7, 1), costs) == 7 * (0.5 + 0.75 + 0.25)
+    assert cm.simulate(prefill_schedule(7, 1, (MERGED,)), costs) == 7 * (0.5 + 0.75 + 0.25)
     assert cm.simulate(prefill_schedule(7, 1), costs) == 7 * (0.5 + 0.75 + 0.25 + 0.25)
 
 
 def test_parallel_residual_overlap_by_hand():
-    from iso_megatron.schedule import parallel_prefill_schedule
+    from iso_megatron.schedule import MERGED, prefill_schedule
 
     # attn and mlp C=1 M=1 per chunk: a merged step computes 2, reduces 1. Layer 0: computes
     # [0,2] [2,4], reduces [2,3] [4,5]; layer 1: computes [4,6] [6,8], reduces [6,7] [8,9].
     costs = {(p, c): cm.PartCost(1.0, 1.0) for p in ("attn", "mlp") for c in (0, 1)}
-    assert cm.simulate(parallel_prefill_schedule(2, 2), costs) == 9.0
+    assert cm.simulate(prefill_schedule(2, 2, (MERGED,)), costs) == 9.0
     # contention: compute beside an in-flight reduce is slowed, so the same steps take longer
-    assert cm.simulate(parallel_prefill_schedule(2, 2), costs, contention=0.5) > 9.0
+    assert cm.simulate(prefill_schedule(2, 2, (MERGED,)), costs, contention=0.5) > 9.0
 
 
 def test_predict_parallel_residual_shape():

@@ -277,9 +277,9 @@ def test_core_imports_no_framework():
 
 @pytest.mark.parametrize("layers,chunks", [(1, 1), (1, 2), (3, 2), (2, 4), (5, 3)])
 def test_parallel_schedule_is_complete_with_one_reduce_per_layer_chunk(layers, chunks):
-    from iso_megatron.schedule import MERGED, parallel_prefill_schedule
+    from iso_megatron.schedule import MERGED, prefill_schedule
 
-    steps = parallel_prefill_schedule(layers, chunks)
+    steps = prefill_schedule(layers, chunks, (MERGED,))
     check_schedule(steps)
     for op in ("compute", "reduce", "finish"):
         assert sorted(s[1:] for s in steps if s.op == op) == sorted(
@@ -289,18 +289,18 @@ def test_parallel_schedule_is_complete_with_one_reduce_per_layer_chunk(layers, c
 
 
 def test_parallel_schedule_overlaps_each_reduce_with_the_next_compute():
-    from iso_megatron.schedule import MERGED, parallel_prefill_schedule
+    from iso_megatron.schedule import MERGED, prefill_schedule
 
-    steps = parallel_prefill_schedule(2, 2)
+    steps = prefill_schedule(2, 2, (MERGED,))
     # chunk 1's reduce of layer 0 is waited only after layer 1's chunk 0 computed
     assert steps.index(Step("finish", 0, MERGED, 1)) > steps.index(Step("compute", 1, MERGED, 0))
     assert steps.index(Step("finish", 0, MERGED, 0)) > steps.index(Step("compute", 0, MERGED, 1))
 
 
 def test_check_schedule_rejects_broken_parallel_orders():
-    from iso_megatron.schedule import MERGED, parallel_prefill_schedule
+    from iso_megatron.schedule import MERGED, prefill_schedule
 
-    steps = parallel_prefill_schedule(2, 2)
+    steps = prefill_schedule(2, 2, (MERGED,))
     i = steps.index(Step("finish", 0, MERGED, 0))
     with pytest.raises(AssertionError):  # layer 1 chunk 0 computed before its input is reduced
         check_schedule(steps[:i] + steps[i + 1:i + 2] + [steps[i]] + steps[i + 2:])
