@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from .schedule import MERGED, PARTS, Step, schedule_for
+from .schedule import MERGED, PARTS, Step, schedule_for, stage_schedule
 from .planner import Split, chunk_boundaries
 from .shape import ModelShape, TokenCost
 
@@ -535,6 +535,118 @@ def ratio_profile(model: ModelShape, device: DeviceProfile, link: LinkProfile, t
     if any(p not in costs for p in parts):
         raise ValueError(f"part must be one of {PARTS} or None, got {part!r}")
     return sum(costs[p].comm_s for p in parts) / sum(costs[p].compute_s for p in parts)
+
+
+# ---------------------------------------------------------------- pipeline parallelism
+
+@dataclass(frozen=True)
+class P2PLink:
+    """The point-to-point link between two pipeline stages (one GPU to its peer in the next
+    stage): one transfer of b bytes takes latency_us + b / bw."""
+    name: str
+    latency_us: float
+    bw_gbs: float
+    source: str = ""
+
+    def seconds(self, nbytes: float) -> float:
+        return self.latency_us * 1e-6 + nbytes / (self.bw_gbs * 1e9)
+
+
+def stage_layers(num_layers: int, stages: int, first: Optional[int] = None,
+                 last: Optional[int] = None) -> List[int]:
+    """Layers per stage as megatron-core splits them: `first` / `last` (its
+    --decoder-first/last-pipeline-num-layers) where given, the rest evenly."""
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    fixed = [n for n in (first, last) if n is not None]
+    middle = stages - len(fixed)
+    rest = num_layers - sum(fixed)
+    if stages == 1 or middle < 0 or rest < 0 or (middle and (rest % middle or rest < middle)) or (not middle and rest):
+        if stages == 1 and not fixed:
+            return [num_layers]
+        raise ValueError(f"{num_layers} layers do not split over {stages} stages "
+                         f"(first {first}, last {last})")
+    each = rest // middle if middle else 0
+    return ([first] if first is not None else []) + [each] * middle + ([last] if last is not None else [])
+
+
+class PipelinePrediction(NamedTuple):
+    stock_ms: float    # stock PP: the whole prompt through the stages one after another
+    chunked_ms: float  # the chunks pipelined, each stage's TP all-reduces waited at once
+    iso_ms: float      # the chunks pipelined, each stage overlapping its all-reduces (ISO)
+    bound_ms: float    # ISO's schedule with every all-reduce hidden (perfect overlap)
+
+
+def _synchronous(costs: Mapping[Tuple[str, int], PartCost]) -> Dict[Tuple[str, int], PartCost]:
+    # each all-reduce waited for right after its compute: on the compute stream, nothing to overlap
+    return {k: PartCost(c.compute_s + c.comm_s, 0.0) for k, c in costs.items()}
+
+
+def _hidden(costs: Mapping[Tuple[str, int], PartCost]) -> Dict[Tuple[str, int], PartCost]:
+    return {k: PartCost(c.compute_s, 0.0) for k, c in costs.items()}
+
+
+def predict_pipeline(model: ModelShape, device: DeviceProfile, link: LinkProfile, p2p: P2PLink,
+                     tp: int, layers: Sequence[int], seq_len: int, boundaries: Sequence[int],
+                     batch: int = 1, dtype_bytes: int = 2) -> PipelinePrediction:
+    """Time to first token of one prompt through stages of `layers` layers each (prefill only,
+    embedding and output layer left out), by `simulate_pipeline` over each stage's
+    `schedule.stage_schedule`: stock (one chunk), chunked without and with ISO inside the stages,
+    and the bound (ISO's steps with every TP all-reduce hidden; the chunks' point-to-point
+    transfers still delay the next stage). Chunk c's transfer carries its tokens' hidden states."""
+    boundaries = list(boundaries)
+    if boundaries[0] != 0 or boundaries[-1] != seq_len or any(a >= b for a, b in zip(boundaries, boundaries[1:])):
+        raise ValueError(f"boundaries must rise strictly from 0 to seq_len={seq_len}, got {boundaries}")
+    if not layers or any(n < 1 for n in layers):
+        raise ValueError(f"every stage needs at least one layer, got {list(layers)}")
+    merged, last = is_parallel_residual(model), len(layers) - 1
+
+    def run(bounds, make_costs, iso_parts):
+        k = len(bounds) - 1
+        costs = make_costs(step_costs(model, device, link, tp, bounds, batch, dtype_bytes))
+        steps = [stage_schedule(n, k, i == 0, i == last, merged and iso_parts) for i, n in enumerate(layers)]
+        send = {c: p2p.seconds((e - b) * batch * model.hidden * dtype_bytes)
+                for c, (b, e) in enumerate(zip(bounds, bounds[1:]))}
+        return simulate_pipeline(steps, [costs] * len(layers), send,
+                                 device.contention if make_costs is _identity else 0.0) * 1e3
+
+    return PipelinePrediction(run([0, seq_len], _synchronous, False), run(boundaries, _synchronous, False),
+                              run(boundaries, _identity, True), run(boundaries, _hidden, True))
+
+
+def _identity(costs):
+    return dict(costs)
+
+
+def best_pipeline_plan(model: ModelShape, device: DeviceProfile, link: LinkProfile, p2p: P2PLink,
+                       tp: int, layers: Sequence[int], seq_len: int, batch: int = 1,
+                       chunk_counts: Sequence[int] = (2, 3, 4, 6, 8, 12, 16, 24, 32), dtype_bytes: int = 2,
+                       min_gain: float = 0.02) -> Plan:
+    """Fastest predicted chunked pipeline prefill (ISO inside the stages where TP > 1) over
+    `chunk_counts`, each with equal-time chunks (`balanced`: every chunk the same compute on
+    every stage, attention growing with its prefix) or a smaller first chunk (it fills the
+    pipeline sooner) and the rest equal-time. K = 1 (stock) unless a plan is predicted at
+    least `min_gain` faster than stock PP."""
+    tc = token_cost(model)
+    iso = lambda bounds: predict_pipeline(model, device, link, p2p, tp, layers, seq_len, bounds,
+                                          batch, dtype_bytes).iso_ms
+    base = predict_pipeline(model, device, link, p2p, tp, layers, seq_len, [0, seq_len], batch,
+                            dtype_bytes).stock_ms
+    best = Plan(1, [0, seq_len], base, base)
+    for k in chunk_counts:
+        if k < 2 or k > seq_len:
+            continue
+        candidates = {tuple(chunk_boundaries(seq_len, k, "balanced", tc))}
+        candidates |= {tuple(_first_then_balanced(seq_len, k, x, tc)) for x in (0.5 / k, 0.75 / k)}
+        for bounds in candidates:
+            if len(bounds) - 1 != k:
+                continue
+            t = iso(list(bounds))
+            if t < best.predicted_ms:
+                best = Plan(k, list(bounds), t, base)
+    if best.predicted_ms > base * (1 - min_gain):
+        return Plan(1, [0, seq_len], base, base)
+    return best
 
 
 # ---------------------------------------------------------------- benchmark profiles

@@ -504,3 +504,59 @@ def test_predict_parallel_residual_shape():
         assert pr.iso_ms < seq.iso_ms
         one = cm.predict(par, D4090, L4090, 2, n, num_chunks=1)  # merged reduce, no chunking
         assert one.iso_ms < one.baseline_ms
+
+
+# ---- pipeline parallelism (issue 16) ----------------------------------------------------------
+
+def _pp_setup():
+    model = cm.model_preset("llama-3-70b")
+    device, link = cm.MACHINES["h100"][:2]
+    return model, device, link
+
+
+def test_stage_layers_split_as_megatron_does():
+    assert cm.stage_layers(80, 2) == [40, 40] and cm.stage_layers(126, 2) == [63, 63]
+    assert cm.stage_layers(10, 3, first=2, last=4) == [2, 4, 4]
+    assert cm.stage_layers(9, 2, first=4) == [4, 5] and cm.stage_layers(7, 1) == [7]
+    for bad in ((10, 3), (10, 2, 3, 3), (4, 3, 2, 2)):
+        with pytest.raises(ValueError, match="do not split"):
+            cm.stage_layers(*bad)
+
+
+def test_stock_pipeline_is_the_unpipelined_prefill_plus_one_transfer_per_stage_boundary():
+    """Stock PP runs the stages one after another: the whole model's stock prefill (cost
+    model's `predict`, the layer-major schedule) plus the prompt's transfer between stages."""
+    model, device, link = _pp_setup()
+    s, p2p = 4096, cm.P2PLink("test", 10.0, 25.0)
+    base = cm.predict(model, device, link, 8, s, boundaries=[0, s]).baseline_ms
+    for stages in (2, 4):
+        got = cm.predict_pipeline(model, device, link, p2p, 8, cm.stage_layers(80, stages), s, [0, s])
+        transfer_ms = (stages - 1) * p2p.seconds(s * model.hidden * 2) * 1e3
+        assert got.stock_ms == pytest.approx(base + transfer_ms, rel=1e-9)
+        assert got.chunked_ms == pytest.approx(got.stock_ms, rel=1e-9)  # one chunk: nothing pipelines
+
+
+def test_pipelined_chunks_order_stock_chunked_iso_bound():
+    model, device, link = _pp_setup()
+    p2p = cm.P2PLink("test", 5.0, 50.0)
+    for stages, s in ((2, 8192), (4, 32768)):
+        layers = cm.stage_layers(80, stages)
+        bounds = cm.chunk_boundaries(s, 8, "balanced", cm.token_cost(model))
+        got = cm.predict_pipeline(model, device, link, p2p, 8, layers, s, bounds)
+        assert got.bound_ms <= got.iso_ms < got.chunked_ms < got.stock_ms
+        # chunks pipelined save at most (P-1)/P of stock's time (all stages busy at once)
+        assert got.chunked_ms >= got.stock_ms / stages
+
+
+def test_pipeline_plan_steps_aside_for_short_prompts_and_splits_long_ones():
+    model, device, link = _pp_setup()
+    p2p = cm.P2PLink("test", 5.0, 50.0)
+    layers = cm.stage_layers(80, 2)
+    short = cm.best_pipeline_plan(model, device, link, p2p, 8, layers, 16)
+    assert short.num_chunks == 1 and short.boundaries == [0, 16]
+    long = cm.best_pipeline_plan(model, device, link, p2p, 8, layers, 32768)
+    assert long.num_chunks >= 2 and long.predicted_ms < 0.98 * long.baseline_ms
+    got = cm.predict_pipeline(model, device, link, p2p, 8, layers, 32768, long.boundaries)
+    assert got.iso_ms == pytest.approx(long.predicted_ms) and got.stock_ms == pytest.approx(long.baseline_ms)
+    with pytest.raises(ValueError, match="rise strictly"):
+        cm.predict_pipeline(model, device, link, p2p, 8, layers, 100, [0, 60, 50, 100])
