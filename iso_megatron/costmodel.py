@@ -174,6 +174,7 @@ MODELS: Dict[str, ModelShape] = {
     "llama-2-70b": ModelShape("Llama-2-70B", 80, 8192, 64, 8, 28672, True, 32000),
     "llama-3-8b": ModelShape("Llama-3-8B", 32, 4096, 32, 8, 14336, True, 128256),
     "llama-3-70b": ModelShape("Llama-3-70B", 80, 8192, 64, 8, 28672, True, 128256),
+    "llama-3.1-405b": ModelShape("Llama-3.1-405B", 126, 16384, 128, 8, 53248, True, 128256),
 }
 
 MODEL_SOURCES: Dict[str, str] = {
@@ -192,6 +193,10 @@ MODEL_SOURCES: Dict[str, str] = {
     "llama-3-70b": "Hugging Face meta-llama/Meta-Llama-3-70B config.json: num_hidden_layers 80, hidden_size "
                    "8192, num_attention_heads 64, num_key_value_heads 8, intermediate_size 28672 (SwiGLU), "
                    "vocab_size 128256",
+    "llama-3.1-405b": "Hugging Face meta-llama/Llama-3.1-405B config.json: num_hidden_layers 126, hidden_size "
+                      "16384, num_attention_heads 128, num_key_value_heads 8, intermediate_size 53248 (SwiGLU), "
+                      "vocab_size 128256; the Llama 3 paper (Llama Team 2024, arXiv 2407.21783) Table 3: 126 "
+                      "layers, model dimension 16,384, FFN dimension 53,248, 128 heads, 8 key/value heads",
 }
 
 # Old profile names: "70b" was Llama-2-70B all along. "30b" mixed LLaMA-33B's dimensions with an
@@ -552,6 +557,24 @@ class P2PLink:
         return self.latency_us * 1e-6 + nbytes / (self.bw_gbs * 1e9)
 
 
+# Inter-node links between pipeline stages, one GPU to its peer on the next node. A DGX H100 /
+# HGX H100 node has one single-port ConnectX-7 per GPU for the compute fabric (rail-optimized:
+# TP rank r of one stage sends to TP rank r of the next over its own NIC, so the 8 ranks' sends
+# do not share a link).
+IB_NDR_EFFICIENCY = 0.92  # achievable / line rate: NCCL's maintainers expect 46-48 GB/s per NDR NIC
+P2P_LINKS: Dict[str, P2PLink] = {
+    "ib-ndr": P2PLink("InfiniBand NDR 400 Gb/s, one ConnectX-7 per GPU", 20.0, 400 / 8 * IB_NDR_EFFICIENCY,
+                      "DGX H100/H200: 'Four OSFP ports serving eight single-port NVIDIA ConnectX-7 VPI ... up to "
+                      "400 Gb/s InfiniBand/Ethernet' (NVIDIA DGX BasePOD reference architecture, Core Components; "
+                      "the DGX H100 User Guide's network-module table pairs each ConnectX-7 with one GPU); "
+                      "400 Gb/s = 50 GB/s per direction; achievable 46 GB/s (0.92, the low end of 'For NDR @ "
+                      "400Gbps you should see 46-48GB/s per NIC', NCCL maintainer in NVIDIA/nccl-tests#290; "
+                      "cf. 24 GB/s peak per 200G HDR NIC, NVIDIA/nccl-tests#119); latency 20 us assumed: NCCL "
+                      "send/recv of small messages between two nodes measures tens of us in nccl-tests "
+                      "(31-34 us at 256 B-8 KB, NVIDIA/nccl-tests#214), the IB fabric itself a few us"),
+}
+
+
 def stage_layers(num_layers: int, stages: int, first: Optional[int] = None,
                  last: Optional[int] = None) -> List[int]:
     """Layers per stage as megatron-core splits them: `first` / `last` (its
@@ -621,19 +644,20 @@ def _identity(costs):
 def best_pipeline_plan(model: ModelShape, device: DeviceProfile, link: LinkProfile, p2p: P2PLink,
                        tp: int, layers: Sequence[int], seq_len: int, batch: int = 1,
                        chunk_counts: Sequence[int] = (2, 3, 4, 6, 8, 12, 16, 24, 32), dtype_bytes: int = 2,
-                       min_gain: float = 0.02) -> Plan:
+                       min_gain: float = 0.02, chunk_margin: float = 0.002) -> Plan:
     """Fastest predicted chunked pipeline prefill (ISO inside the stages where TP > 1) over
     `chunk_counts`, each with equal-time chunks (`balanced`: every chunk the same compute on
     every stage, attention growing with its prefix) or a smaller first chunk (it fills the
     pipeline sooner) and the rest equal-time. K = 1 (stock) unless a plan is predicted at
-    least `min_gain` faster than stock PP."""
+    least `min_gain` faster than stock PP. Each extra chunk must save another `chunk_margin` of
+    stock's time, for the per-chunk costs the model leaves out (as `best_plan`)."""
     tc = token_cost(model)
     iso = lambda bounds: predict_pipeline(model, device, link, p2p, tp, layers, seq_len, bounds,
                                           batch, dtype_bytes).iso_ms
     base = predict_pipeline(model, device, link, p2p, tp, layers, seq_len, [0, seq_len], batch,
                             dtype_bytes).stock_ms
     best = Plan(1, [0, seq_len], base, base)
-    for k in chunk_counts:
+    for k in sorted(chunk_counts):
         if k < 2 or k > seq_len:
             continue
         candidates = {tuple(chunk_boundaries(seq_len, k, "balanced", tc))}
@@ -642,7 +666,7 @@ def best_pipeline_plan(model: ModelShape, device: DeviceProfile, link: LinkProfi
             if len(bounds) - 1 != k:
                 continue
             t = iso(list(bounds))
-            if t < best.predicted_ms:
+            if t < best.predicted_ms - chunk_margin * base * (k - best.num_chunks):
                 best = Plan(k, list(bounds), t, base)
     if best.predicted_ms > base * (1 - min_gain):
         return Plan(1, [0, seq_len], base, base)

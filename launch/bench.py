@@ -153,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compute-tolerance", type=float, default=COMPUTE_TOLERANCE,
                    help="largest |ISO compute / stock compute - 1| accepted (default 0.05); beyond "
                         "it the run reports the records and exits with status 2")
+    pp = p.add_argument_group("pipeline (launch/bench_pipeline.py: TP 1 x PP P, time to first token)")
+    pp.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                    help="> 1: time one prompt through P pipeline stages, stock PP against chunked PP")
+    pp.add_argument("--pp-chunks", default="2,4,8,auto",
+                    help="chunkings compared with stock PP: chunk counts (equal-time chunks) and auto")
     p.set_defaults(**DEFAULT_MODEL)
     return p
 
@@ -781,6 +786,12 @@ def main(argv=None):
         with open(args.summarize) as f:
             print(summarize(json.load(f)))
         return
+    if args.pipeline_model_parallel_size > 1:
+        try:
+            from launch import bench_pipeline
+        except ImportError:  # run as a script: launch/ itself is on the path
+            import bench_pipeline
+        return bench_pipeline.main(args)
     from iso_megatron.faults import distributed_timeout, watch_job
     from iso_megatron.runtime import init_process_group, shutdown
 

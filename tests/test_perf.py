@@ -345,3 +345,35 @@ def test_bench_gpu_proxy_path_runs_on_cpu():
         # one process: the proxy's copies are identities, so ISO's logits are stock's up to the
         # chunked attention's rounding (<= FP32_REL_TOL, checked above); a copy that summed
         # or dropped a partial sum would be off by O(1)
+
+
+@pytest.mark.multiprocess
+def test_pipeline_bench_two_stages():
+    """launch/bench.py --pipeline-model-parallel-size 2 (launch/bench_pipeline.py): stock PP and
+    chunked PP through two stage processes, each chunked row with its stages' measured compute
+    and its bound; the chunks every row asked for are the ones the stages ran (the bench checks
+    the block's plan and stops otherwise)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "pp.json")
+        rc, text = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                "2", "launch/bench.py", "--pipeline-model-parallel-size", "2", "--pp-chunks",
+                                "2,3,auto", "--output-json", out, "--num-layers", "2", "--hidden-size", "64",
+                                "--ffn-hidden-size", "160", "--timing-repeats", "1", "--seq-lens", "48,96"],
+                               timeout=180)
+        assert rc == 0 and "[bench-pp] wrote" in text, text[-4000:]
+        with open(out) as f:
+            records = json.load(f)
+    assert [(r["seq_len"], r["plan"]) for r in records] == [
+        (s, p) for s in (48, 96) for p in ("stock", "K=2", "K=3", "auto")]
+    for r in records:
+        assert r["stages"] == 2 and len(r["stage_compute_ms"]) == 2 and min(r["stage_compute_ms"]) > 0
+        assert r["link_gbs"] > 0 and r["ttft_ms"] > 0
+        if r["plan"] == "stock":
+            assert r["boundaries"] is None and r["bound_ms"] is None
+        elif r["boundaries"] is not None:
+            b = r["boundaries"]
+            assert b[0] == 0 and b[-1] == r["seq_len"] and len(b) - 1 == r["chunks"] and r["bound_ms"] > 0
+            if r["plan"].startswith("K="):
+                assert r["chunks"] == int(r["plan"][2:])
+                # equal-time chunks: the first chunk (the shortest prefix) gets the most tokens
+                assert b[1] - b[0] >= max(e - s for s, e in zip(b[1:], b[2:]))
