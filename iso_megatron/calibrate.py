@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import lru_cache
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -632,6 +633,34 @@ def auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp:
         return PrefillPlan(None, "auto: split not predicted faster at this length", p.iso_ms, p.baseline_ms)
     return PrefillPlan(tuple(bounds), f"auto: {len(bounds) - 1} chunks predicted {p.iso_ms:.2f} ms "
                                       f"vs stock {p.baseline_ms:.2f} ms", p.iso_ms, p.baseline_ms)
+
+
+# planned once per (calibration, stage layers, length): the search simulates every candidate
+_best_pipeline_plan = lru_cache(maxsize=256)(cm.best_pipeline_plan)
+
+
+def pipeline_auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp: int,
+                       max_chunks: int, stages: int) -> PrefillPlan:
+    """The plan of one stage of `stages` (chunked pipeline prefill): `costmodel.best_pipeline_plan`
+    on this machine's calibration (collective over the TP group the first time), K up to
+    `max_chunks`, stock unless predicted MIN_GAIN faster than stock PP. The point-to-point link
+    between stages is taken to be as fast as the calibrated TP link (unmeasured: across nodes it
+    is slower). Every stage must cut the same chunks: the caller plans on the first stage and
+    hands that plan to the others (the Megatron block does)."""
+    if max_chunks < 2 or seq_len < 2:
+        return stock("auto: nothing to split")
+    cal = calibrate(shape, env, tp=tp)
+    per_stage = -(-shape.num_layers // stages)  # the busiest stage's layers (an even split rounded up)
+    link = cal.link()
+    p2p = cm.P2PLink("as the TP link (assumed)", link.latency_us, link.bus_bw_gbs)
+    counts = tuple(k for k in (2, 3, 4, 6, 8, 12, 16, 24, 32) if k <= max_chunks)
+    plan = _best_pipeline_plan(shape, cal.device(), link, p2p, tp, (per_stage,) * stages, seq_len, batch,
+                               counts, _dtype_bytes(env.dtype), MIN_GAIN)
+    if plan.num_chunks < 2:
+        return PrefillPlan(None, "auto: no chunked pipeline predicted to pay", plan.predicted_ms, plan.baseline_ms)
+    return PrefillPlan(tuple(plan.boundaries), f"auto: {plan.num_chunks} chunks through {stages} stages "
+                       f"predicted {plan.predicted_ms:.2f} ms vs stock PP {plan.baseline_ms:.2f} ms",
+                       plan.predicted_ms, plan.baseline_ms)
 
 
 def _normalised(fractions):

@@ -104,8 +104,10 @@ def plan_prefill(iso, shape: ModelShape, seq_len: int, batch: int, tp: int,
     if iso.split == "auto":
         if env is None:
             raise ValueError("split='auto' needs the device, dtype and TP group to calibrate on")
-        from .calibrate import auto_plan
+        from .calibrate import auto_plan, pipeline_auto_plan
 
+        if pipeline_stages > 1:
+            return pipeline_auto_plan(shape, env, seq_len, batch, tp, iso.num_chunks, pipeline_stages)
         return auto_plan(shape, env, seq_len, batch, tp, iso.num_chunks)
     bounds = chunk_boundaries(seq_len, iso.num_chunks, iso.split, TokenCost.from_shape(shape))
     if len(bounds) <= 2:

@@ -101,3 +101,31 @@ def pipeline_exactness(family: str, tp: int, pp: int, num_layers: int, seq_lens,
                             async_reduces=sum(e[0] == "issue" for e in spy.events),
                             last_plan=plan.reason))
     return out
+
+
+def pipeline_auto(family: str, pp: int, num_layers: int, seq_lens, max_chunks: int):
+    """split="auto" through a TP 1 x PP pipeline: each prompt's plan as every stage ran it (the
+    first stage plans, the others take its plan), and the generation against stock PP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from iso_megatron import ISOConfig, apply_iso, causal_mask
+    from iso_megatron.megatron.pipeline import pipeline_forward
+
+    _setup(1, pp)
+    stock, iso = _stage_pair(family, pp, num_layers)
+    apply_iso(iso, ISOConfig(num_chunks=max_chunks, split="auto", min_tokens=0))
+    out = []
+    with torch.no_grad():
+        for s in seq_lens:
+            ids = torch.randint(0, 256, (1, s), generator=torch.Generator().manual_seed(s))
+            pipeline_forward(iso, ids, torch.arange(s)[None], causal_mask(s), StaticInferenceContext(1, s),
+                             chunked=True)
+            plan = iso.decoder.iso_plan
+            ref_logits, ref_tokens, _ = _generate(stock, ids, 2, chunked=False)
+            logits, tokens, _ = _generate(iso, ids, 2, chunked=True)
+            out.append(dict(seq=s, stage=ps.get_pipeline_model_parallel_rank(),
+                            bounds=None if plan.bounds is None else list(plan.bounds), reason=plan.reason,
+                            err=None if logits is None else rel_err(logits, ref_logits),
+                            tokens=tokens, ref_tokens=ref_tokens))
+    return out

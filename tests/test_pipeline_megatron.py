@@ -52,3 +52,21 @@ def test_tp2_pp2_is_exact_with_iso_in_both_stages(tp2_pp2):
         assert c["async_reduces"] == 2 * 2 * c["k"], c  # ISO's TP reduces, per stage
         if c["stage"] == 1:
             assert c["err"] <= FP32_REL_TOL, c
+
+
+def test_auto_split_planned_on_the_first_stage_is_every_stages_and_exact():
+    """split="auto" in a pipeline (TP 1 x PP 2): the first stage plans from its calibration
+    (`costmodel.best_pipeline_plan`), every stage runs that plan; a long prompt is cut (two
+    stages working at once is predicted to pay), and the generation equals stock PP's."""
+    ranks = run_ranks(2, "tests.cases_pipeline:pipeline_auto", "llama", 2, LAYERS, [16, 1024], 8, timeout=400)
+    by_seq = {}
+    for c in (c for rank in ranks for c in rank):
+        by_seq.setdefault(c["seq"], []).append(c)
+        assert c["tokens"] == c["ref_tokens"], c
+        if c["stage"] == 1:
+            assert c["err"] <= FP32_REL_TOL, c
+    for s, cases in by_seq.items():
+        assert len({str(c["bounds"]) for c in cases}) == 1, cases  # one plan on both stages
+    long = by_seq[1024][0]
+    assert long["bounds"] is not None and len(long["bounds"]) >= 3, long  # auto cut the prompt
+    assert "through 2 stages" in long["reason"], long

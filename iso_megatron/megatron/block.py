@@ -347,13 +347,16 @@ class ISOTransformerBlock(TransformerBlock):
         if len(self.layers) == 0:
             plan = stock("no layers in this block")
         else:
-            if pipeline is not None and self.iso_config is not None and self.iso_config.split == "auto":
-                # every stage must cut the same chunks; each calibrates its own layers
-                raise ValueError("ISO split='auto' is not supported with pipeline parallelism yet: "
-                                 "use split='balanced', 'even' or explicit fractions")
-            plan = plan_forward(self.iso_config, self.config, self.training, hidden_states, bound,
-                                _tp_group(self.layers), list(self.layers),
-                                1 if pipeline is None else pipeline.stages)
+            # split="auto" in a pipeline: planned on the first stage alone (every stage must cut
+            # the same chunks), the plan handed to the others
+            auto = pipeline is not None and self.iso_config is not None and self.iso_config.split == "auto"
+            plan = None
+            if not auto or pipeline.first:
+                plan = plan_forward(self.iso_config, self.config, self.training, hidden_states, bound,
+                                    _tp_group(self.layers), list(self.layers),
+                                    1 if pipeline is None else pipeline.stages)
+            if auto:
+                plan = pipeline.first_stage_plan(plan)
         self.iso_plan = plan
         if plan.bounds is None:
             if pipeline is not None and not pipeline.first:

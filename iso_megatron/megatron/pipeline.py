@@ -45,6 +45,12 @@ class PipelineIO:
         """The same stage's transfers for chunks `bounds` (the block's plan)."""
         return PipelineIO(self.buffer, bounds, self.width)
 
+    def first_stage_plan(self, plan):
+        """The first stage's prefill plan, on every stage (a collective of the pipeline group)."""
+        box = [plan]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_first_rank(), group=self.group)
+        return box[0]
+
     # stock: the whole sequence at once
     def recv_whole(self) -> torch.Tensor:
         dist.recv(self.buffer, src=self.prev, group=self.group)
