@@ -14,9 +14,9 @@ Per prompt length, interleaved rep by rep:
   stock     megatron-core PP inference: stage after stage, the whole prompt at once
   K=n       the prompt in n equal-time chunks (planner `balanced`: each chunk the same compute,
             attention growing with its prefix) flowing through the stages
-  auto      the chunks `costmodel.best_pipeline_plan` picks (K, a smaller first chunk, or stock
-            below a 2% predicted gain) from this machine's calibration and the measured link;
-            planned on the first stage and sent to the others (every stage must cut alike)
+  auto      the launcher's split="auto" (K up to --max-chunks): the first stage's block plans
+            (`costmodel.best_pipeline_plan` on its calibration: equal-time chunks or a smaller
+            first one, stock below a 2% predicted gain) and hands the plan to the other stages
 TTFT = from a barrier to the last stage's logits, the maximum over ranks; medians of
 --timing-repeats. Each row also has the compute-only twin of every stage (its own layers over
 the same chunks with no transfers: the busiest stage's is reported) and the bound: the cost
@@ -29,18 +29,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 import torch.distributed as dist
 
 from iso_megatron import cli
 from iso_megatron import costmodel as cm
-
-
-# auto's choices here: beyond 8 chunks of a 2048-token prompt each chunk's GEMMs get small enough
-# that this CPU computes them less efficiently than the rooflines say (16 chunks: +32% compute)
-AUTO_CHUNK_COUNTS = (2, 3, 4, 6, 8)
 
 
 def _plans(text: str):
@@ -102,11 +96,14 @@ class PipelineBench:
 
     # -- one forward of this rank's stage
     def set_split(self, bounds):
-        """ISO's chunks for the next forwards (None: stock)."""
+        """ISO's chunks for the next forwards (None: stock; "auto": the launcher's split="auto",
+        planned by the first stage's block)."""
         from iso_megatron import ISOConfig, apply_iso
 
         if bounds is None:
             apply_iso(self.model, ISOConfig(enabled=False))
+        elif bounds == "auto":
+            apply_iso(self.model, ISOConfig(num_chunks=self.args.max_chunks, split="auto", min_tokens=0))
         else:
             s = bounds[-1]
             apply_iso(self.model, ISOConfig(num_chunks=len(bounds) - 1, min_tokens=0,
@@ -184,40 +181,6 @@ class PipelineBench:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def auto_bounds(self, s, link):
-        """The cost model's plan for this prompt (first stage), sent to every stage."""
-        from iso_megatron.calibrate import calibrate
-        from iso_megatron.planner import Environment
-
-        from iso_megatron.megatron.block import attention_kind, step_probe
-
-        bounds = None
-        whole = self.gather(self.stage_compute(s, None))
-        chunked = self.gather(self.stage_compute(s, cm.chunk_boundaries(s, 2, "balanced", cm.token_cost(self.shape))))
-        if self.rank == 0:
-            layers = list(self.decoder.layers)
-            x = torch.randn(s, 1, self.args.hidden_size, generator=torch.Generator().manual_seed(s))
-            # the stage's own first layer times the per-chunk cost (megatron's Python included)
-            probe = step_probe(layers, x, {"attention_mask": None, "inference_context": None,
-                                           "rotary_pos_emb": self.model.rotary_pos_emb(s)})
-            env = Environment(torch.device("cpu"), torch.float32, None, probe, attention_kind(layers))
-            cal = calibrate(self.shape, env, tp=1)
-            # the per-step cost from the stages' own compute: the busiest stage's extra time in
-            # two chunks over one, less what the rooflines predict for it, per extra step
-            device = replace(cal.device(), step_overhead_s=0.0)
-            two = cm.chunk_boundaries(s, 2, "balanced", cm.token_cost(self.shape))
-            model_extra = self.model_stage_ms(device, two) - self.model_stage_ms(device, [0, s])
-            step_s = max(0.0, (max(chunked) - max(whole) - model_extra) / 1e3 / (2 * max(self.layers)))
-            plan = cm.best_pipeline_plan(self.shape, replace(device, step_overhead_s=step_s), cal.link(), link,
-                                         1, self.layers, s, chunk_counts=AUTO_CHUNK_COUNTS, dtype_bytes=4)
-            bounds = plan.boundaries if plan.num_chunks > 1 else None
-        return self.agree(bounds)
-
-    def model_stage_ms(self, device, bounds) -> float:
-        """The cost model's compute of the busiest stage over `bounds` (no communication)."""
-        costs = cm.step_costs(self.shape, device, cm.LINKS["h100"], 1, bounds, 1, 4)
-        return max(self.layers) * sum(c.compute_s for c in costs.values()) * 1e3
-
     def bound_ms(self, s, bounds, stage_ms, link):
         """`simulate_pipeline` of the chunked stages fed each stage's measured compute (shared out
         over the chunks and parts as `costmodel.chunk_costs` divides it) and the measured link."""
@@ -249,26 +212,30 @@ class PipelineBench:
             configs = {"stock": None}
             for p in _plans(a.pp_chunks):
                 if p == "auto":
-                    configs["auto"] = self.auto_bounds(s, link)
+                    configs["auto"] = "auto"
                 else:
                     bounds = cm.chunk_boundaries(s, p, "balanced", cm.token_cost(self.shape))
                     if len(bounds) - 1 == p:
                         configs[f"K={p}"] = bounds
             with torch.no_grad():
-                for name, bounds in configs.items():  # warm-up
+                for name, bounds in configs.items():  # warm-up; auto calibrates and plans here
                     self.set_split(bounds)
                     fwd()
+                    if bounds == "auto":
+                        auto = self.ran()  # what auto runs for this prompt (every rep: checked)
+                asked = {name: auto if b == "auto" else b for name, b in configs.items()}
                 times = {name: [] for name in configs}
                 for _ in range(a.timing_repeats):
                     for name, bounds in configs.items():
                         self.set_split(bounds)
                         times[name] += self.timed(fwd)
                         ran = self.ran()
-                        if ran != (None if bounds is None else list(bounds)):
-                            raise RuntimeError(f"{name}: ran {ran}, asked {bounds}")
+                        want = asked[name]
+                        if ran != (None if want is None else list(want)):
+                            raise RuntimeError(f"{name}: ran {ran}, asked {want}")
                 stage_stock = self.gather(self.stage_compute(s, None))
                 stock_ms = statistics.median(times["stock"])
-                for name, bounds in configs.items():
+                for name, bounds in asked.items():
                     ttft = statistics.median(times[name])
                     rec = dict(seq_len=s, stages=self.stages, plan=name, chunks=None if bounds is None else len(bounds) - 1,
                                boundaries=bounds, ttft_ms=ttft, stock_ms=stock_ms, ratio=ttft / stock_ms,
