@@ -88,17 +88,23 @@ def prepare_args(argv=None):
                          f"that holds latest_checkpointed_iteration.txt or the iter_*/release folders)")
         if not os.path.isdir(args.load):
             fail(parser, f"--load {args.load}: no such directory")
+        if args.use_mp_args_from_checkpoint_args and not args.use_checkpoint_args:
+            fail(parser, "--use-mp-args-from-checkpoint-args needs --use-checkpoint-args")
         if args.use_checkpoint_args:
-            from iso_megatron.megatron.checkpoint import checkpoint_args
+            from iso_megatron.megatron.checkpoint import check_tp, checkpoint_args
 
             try:
-                stored = checkpoint_args(args.load, tensor_model_parallel_size=args.tensor_model_parallel_size,
-                                         ckpt_format=args.ckpt_format,
+                stored = checkpoint_args(args.load, ckpt_format=args.ckpt_format,
                                          trust_checkpoint=args.trust_checkpoint)
             except (OSError, ValueError) as e:
                 fail(parser, f"--use-checkpoint-args: {e}")
             if not stored:
                 fail(parser, f"--use-checkpoint-args: the checkpoint in {args.load} stores no args")
+            take_parallel_args(args, stored, argv, world, parser)
+            try:
+                check_tp(stored, args.tensor_model_parallel_size, f"the checkpoint in {args.load}")
+            except ValueError as e:
+                fail(parser, f"--use-checkpoint-args: {e}")
             # --bf16 / --fp16 on the command line win (Megatron-LM's --use-checkpoint-args takes
             # the model's shape, not its precision); without either, the stored flags apply
             precision_asked = args.bf16 or args.fp16
@@ -161,6 +167,34 @@ def prepare_args(argv=None):
                          f"({args.num_tokens_to_generate}) exceed --max-position-embeddings "
                          f"({args.max_position_embeddings})")
     return args, tokenizer
+
+
+def _given(argv, flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def take_parallel_args(args, stored: dict, argv, world: int, parser) -> None:
+    """The stored parallel layout under --use-checkpoint-args. With
+    --use-mp-args-from-checkpoint-args (Megatron-LM's flag) the stored TP and PP sizes and uneven
+    first/last stage layer counts override the command line, and the processes must be TP x PP;
+    without it the checkpoint is resharded to the sizes in use, taking its uneven first/last
+    counts only where the pipeline size in use is the stored one and none is given."""
+    tp, pp = stored.get("tensor_model_parallel_size"), stored.get("pipeline_model_parallel_size") or 1
+    first, last = stored.get("decoder_first_pipeline_num_layers"), stored.get("decoder_last_pipeline_num_layers")
+    if args.use_mp_args_from_checkpoint_args:
+        if tp is None:
+            fail(parser, f"--use-mp-args-from-checkpoint-args: the checkpoint in {args.load} stores "
+                         "no tensor_model_parallel_size")
+        if tp * pp != world:
+            fail(parser, f"--use-mp-args-from-checkpoint-args: the checkpoint in {args.load} was saved "
+                         f"at tensor-model-parallel size {tp} x pipeline-model-parallel size {pp} = "
+                         f"{tp * pp} processes, but {world} run: run torchrun --nproc-per-node "
+                         f"{tp * pp}, or leave the flag out to reshard to the sizes given")
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+        args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers = first, last
+    elif args.pipeline_model_parallel_size == pp and not (
+            _given(argv, "--decoder-first-pipeline-num-layers") or _given(argv, "--decoder-last-pipeline-num-layers")):
+        args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers = first, last
 
 
 def precision_name(args) -> str:

@@ -84,7 +84,6 @@ def _prepare(argv, world=1, monkeypatch=None):
      "--tensor-model-parallel-size (2) x --pipeline-model-parallel-size (2) must equal the number of processes (2)"),
     (["--pipeline-model-parallel-size", "2", "--virtual-pipeline-model-parallel-size", "2"], 2,
      "virtual pipeline stages"),
-    (["--pipeline-model-parallel-size", "2", "--iso-split", "auto"], 2, "--iso-split auto with --pipeline"),
     (["--pipeline-model-parallel-size", "2", "--deepspeed"], 2, "with --deepspeed is not supported"),
     (["--pipeline-model-parallel-size", "3", "--num-layers", "4"], 3, "--num-layers (4) does not split over 3"),
     (["--pipeline-model-parallel-size", "2", "--num-layers", "4", "--decoder-first-pipeline-num-layers", "4"],

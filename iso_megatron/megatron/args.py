@@ -78,7 +78,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--load", help="checkpoint directory (Megatron torch/torch_dist or DeepSpeed)")
     c.add_argument("--ckpt-format", choices=["auto", "torch", "torch_dist", "deepspeed"], default="auto")
     c.add_argument("--use-checkpoint-args", action="store_true",
-                   help="take the model shape from the args stored in the checkpoint")
+                   help="take the model shape from the args stored in the checkpoint (and, where "
+                        "--pipeline-model-parallel-size is the stored one, its uneven first/last "
+                        "stage layer counts unless given)")
+    c.add_argument("--use-mp-args-from-checkpoint-args", action="store_true",
+                   help="with --use-checkpoint-args: also take the stored tensor- and "
+                        "pipeline-model-parallel sizes (and uneven first/last stage layer counts), "
+                        "over the command line, as Megatron-LM; the processes must be TP x PP. "
+                        "Without it the checkpoint is resharded to the sizes given")
     c.add_argument("--tokenizer-type", default=None,
                    help="ByteLevelTokenizer, GPT2BPETokenizer, HuggingFaceTokenizer, "
                         "SentencePieceTokenizer, Llama2Tokenizer, TikTokenizer, NullTokenizer")
@@ -168,10 +175,6 @@ def pipeline_errors(args) -> List[str]:
         return errors
     if getattr(args, "deepspeed", False):
         errors.append("--pipeline-model-parallel-size > 1 with --deepspeed is not supported")
-    split = getattr(getattr(args, "iso_config", None), "split", None)
-    if isinstance(split, str) and split == "auto":
-        errors.append("--iso-split auto with --pipeline-model-parallel-size > 1 is not supported yet "
-                      "(every stage must cut the same chunks): use balanced, even or fractions")
     fixed = [n for n in (first, last) if n is not None]
     if any(n < 1 for n in fixed):
         errors.append("--decoder-first/last-pipeline-num-layers must be >= 1")

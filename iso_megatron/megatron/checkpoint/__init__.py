@@ -13,11 +13,15 @@ Formats:
   its `common_state` entry, with no common.pt, as megatron-core 0.19 writes it; either layout
   loads under either version): `dist_checkpointing.load(model.sharded_state_dict(), dir)`;
   megatron reshards.
-- Megatron legacy `torch`: `iter_{:07d}|release/mp_rank_{tp:02d}/model_optim_rng.pt` with 'model',
-  'args', 'checkpoint_version', 'iteration'; each rank reads the saved shards that overlap its own
-  slice and merges/splits every TP-parallel tensor along its partition dimension.
+- Megatron legacy `torch`: `iter_{:07d}|release/mp_rank_{tp:02d}/model_optim_rng.pt` (PP 1) or
+  `mp_rank_{tp:02d}_{pp:03d}/` (saved at PP > 1: each stage's layers numbered from 0, placed by
+  megatron-core's get_transformer_layer_offset over the stored args) with 'model', 'args',
+  'checkpoint_version', 'iteration'; each rank reads the saved stages holding its layers and the
+  TP shards that overlap its own slice, and merges/splits every TP-parallel tensor along its
+  partition dimension: any saved (TP, PP) into any other.
 - DeepSpeed engine `save_checkpoint()`: `latest` names the tag, `{tag}/mp_rank_{:02d}_model_states.pt`
-  with the model under 'module' (Megatron-DeepSpeed also stores 'args' there); resharded as `torch`.
+  with the model under 'module' (Megatron-DeepSpeed also stores 'args' there); resharded as `torch`
+  (saved at PP 1; loads into pipeline stages too).
 Key names: Transformer-Engine spec names and Megatron-DeepSpeed / legacy Megatron-LM names map to
 whatever names the built model uses.
 

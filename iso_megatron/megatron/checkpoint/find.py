@@ -1,5 +1,6 @@
 """Finding a checkpoint (local, no collectives): which format, which iteration, the saved TP
-size and the args stored with it; the checkpoint errors and the torch.load of one file."""
+and pipeline (PP) sizes and the args stored with it; the checkpoint errors and the torch.load of
+one file."""
 
 from __future__ import annotations
 
@@ -30,9 +31,13 @@ class CheckpointInfo:
     iteration: Optional[int] = None  # None for `release` and non-numeric DeepSpeed tags
     tag: Optional[str] = None        # "iter_0000010", "release", or the DeepSpeed tag
     tp: Optional[int] = None         # saved TP size (torch_dist: from args, if stored)
+    pp: int = 1                      # saved pipeline size (torch: its mp_rank_XX_YYY stages)
     args: Optional[Namespace] = None  # Megatron-LM args stored with the checkpoint
     checkpoint_version: Optional[float] = None
-    files: list = field(default_factory=list)  # per saved TP rank (torch, deepspeed)
+    files: list = field(default_factory=list)  # every shard file, stage by stage (torch, deepspeed)
+    # [saved pipeline stage][saved TP rank] -> shard file: Megatron-LM's mp_rank_{tp:02d}_{pp:03d}
+    # (or mp_rank_{tp:02d} at PP 1, one stage); DeepSpeed: one stage
+    stage_files: list = field(default_factory=list)
     # torch_dist: the file (relative to `directory`) its common state (args, iteration) was read
     # from: "common.pt" as megatron-core 0.16 writes it, or the .distcp file holding the
     # `common_state` entry, as megatron-core 0.19 writes it (no common.pt); None for other formats
@@ -69,10 +74,10 @@ def _detect_format(directory: str) -> Optional[str]:
                                   "dist_checkpointing metadata file (corrupt?)")
         return "torch_dist"
     names = os.listdir(directory)
-    if any(re.fullmatch(r"mp_rank_\d\d_\d\d\d(_\d\d\d)?", n) for n in names):
-        raise CheckpointError(f"{directory} holds a pipeline/expert-parallel torch checkpoint "
-                              "(mp_rank_XX_YYY): only pipeline-parallel size 1 is supported")
-    if any(re.fullmatch(r"mp_rank_\d\d", n) for n in names):
+    if any(re.fullmatch(r"mp_rank_\d\d_\d\d\d_\d\d\d", n) for n in names):
+        raise CheckpointError(f"{directory} holds an expert-parallel torch checkpoint "
+                              "(mp_rank_XX_YYY_ZZZ): not supported")
+    if any(re.fullmatch(r"mp_rank_\d\d(_\d\d\d)?", n) for n in names):
         return "torch"
     if any(re.fullmatch(r"mp_rank_\d\d_model_states\.pt", n) for n in names):
         return "deepspeed"
@@ -117,13 +122,41 @@ def _deepspeed_target(load_dir: str):
     return os.path.join(load_dir, tag), (int(m.group(1)) if m else None), tag
 
 
-def _shard_files(directory: str, fmt: str) -> list:
-    if fmt == "torch":
-        ranks = _ranked(directory, r"mp_rank_(\d\d)")
-        files = {r: os.path.join(directory, n, "model_optim_rng.pt") for r, n in ranks.items()}
-    else:
+def _stage_files(directory: str, fmt: str) -> list:
+    """[saved pipeline stage][saved TP rank] -> shard file, checked complete."""
+    if fmt != "torch":
         ranks = _ranked(directory, r"mp_rank_(\d\d)_model_states\.pt")
-        files = {r: os.path.join(directory, n) for r, n in ranks.items()}
+        return [_complete_tp(directory, {r: os.path.join(directory, n) for r, n in ranks.items()})]
+    grid, pipelined = {}, set()
+    for name in os.listdir(directory):
+        m = re.fullmatch(r"mp_rank_(\d\d)(?:_(\d\d\d))?", name)
+        if m:
+            pipelined.add(m.group(2) is not None)
+            stage = int(m.group(2) or 0)
+            grid.setdefault(stage, {})[int(m.group(1))] = os.path.join(directory, name, "model_optim_rng.pt")
+    if len(pipelined) > 1:
+        raise CheckpointError(f"{directory} mixes mp_rank_XX and mp_rank_XX_YYY shard directories "
+                              "(two checkpoints in one directory?)")
+    if not pipelined.pop():
+        return [_complete_tp(directory, grid[0])]
+    what = (f"the pipeline-parallel torch checkpoint in {directory} (mp_rank_XX_YYY: TP rank XX, "
+            "pipeline stage YYY)")
+    if sorted(grid) != list(range(len(grid))):
+        raise CheckpointError(f"{what} is incomplete: pipeline stages {sorted(grid)} are not "
+                              f"0..{len(grid) - 1}")
+    tps = {stage: sorted(ranks) for stage, ranks in grid.items()}
+    if any(t != tps[0] or t != list(range(len(t))) for t in tps.values()):
+        raise CheckpointError(f"{what} is incomplete: its stages hold TP ranks "
+                              + ", ".join(f"{s}: {t}" for s, t in sorted(tps.items())))
+    for stage in sorted(grid):
+        for path in grid[stage].values():
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{what} is incomplete: {path} is missing")
+    return [[grid[stage][r] for r in range(len(tps[0]))] for stage in range(len(grid))]
+
+
+def _complete_tp(directory: str, files: dict) -> list:
+    """Shard files of saved TP ranks 0..T-1 ({rank: path}), checked present."""
     if sorted(files) != list(range(len(files))):
         raise CheckpointError(f"{directory}: TP shards {sorted(files)} are not 0..{len(files) - 1} "
                               "(incomplete checkpoint?)")
@@ -200,11 +233,13 @@ def find_checkpoint(load_dir: str, ckpt_format: str = "auto",
         info.args = common.get("args")
         info.checkpoint_version = common.get("checkpoint_version")
         info.tp = getattr(info.args, "tensor_model_parallel_size", None)
+        info.pp = getattr(info.args, "pipeline_model_parallel_size", None) or 1
         if info.iteration is None and isinstance(common.get("iteration"), int) and tag != "release":
             info.iteration = common["iteration"]
     else:
-        info.files = _shard_files(directory, fmt)
-        info.tp = len(info.files)
+        info.stage_files = _stage_files(directory, fmt)
+        info.files = [path for stage in info.stage_files for path in stage]
+        info.tp, info.pp = len(info.stage_files[0]), len(info.stage_files)
         first = _torch_load(info.files[0], trust_checkpoint)
         info.args = first.get("args")
         info.checkpoint_version = first.get("checkpoint_version")
@@ -217,4 +252,10 @@ def find_checkpoint(load_dir: str, ckpt_format: str = "auto",
     if fmt == "torch" and saved_tp not in (None, info.tp):
         raise CheckpointError(f"{directory}: args say tensor_model_parallel_size={saved_tp} but "
                               f"{info.tp} mp_rank_XX shard directories are present (incomplete?)")
+    saved_pp = getattr(info.args, "pipeline_model_parallel_size", None)
+    if fmt == "torch" and saved_pp not in (None, info.pp):
+        raise CheckpointError(f"{directory}: args say pipeline_model_parallel_size={saved_pp} but "
+                              f"{info.pp} pipeline stage{'s' if info.pp > 1 else ''} of shard "
+                              "directories (mp_rank_XX_YYY) are present: the stored pipeline "
+                              "layout does not match the files")
     return info

@@ -21,6 +21,8 @@ _LEGACY_PREFIXES = (  # Megatron-DeepSpeed / legacy Megatron-LM -> megatron-core
     ("language_model.transformer.final_layernorm.", "decoder.final_layernorm."),
     ("language_model.transformer.layers.", "decoder.layers."),
     ("language_model.output_layer.", "output_layer."),
+    # legacy Megatron-LM, tied embeddings at PP > 1: the last stage's copy of the word embeddings
+    ("word_embeddings_for_head.", "output_layer."),
 )
 _LAYER_RENAMES = {  # inside decoder.layers.N., to the local spec's names
     "self_attention.query_key_value.": "self_attention.linear_qkv.",

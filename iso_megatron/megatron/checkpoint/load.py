@@ -136,13 +136,9 @@ def load_checkpoint(model, load_dir: str, ckpt_format: str = "auto",
         if info.format == "torch_dist":
             request = _dist_request(model, info)
             _check_config(info, model.config)
-        elif getattr(model.config, "pipeline_model_parallel_size", 1) > 1:
-            raise CheckpointError(f"{info.directory}: a {info.format} checkpoint cannot be loaded into a "
-                                  f"pipeline-parallel model yet; only torch_dist checkpoints reshard "
-                                  f"to pipeline stages (convert it, or run at --pipeline-model-parallel-size 1)")
-        else:
-            state = _resharded_state_dict(model, info, tp, rank)
+        else:  # torch / DeepSpeed shards saved at any (TP, PP): this rank's part, resharded
             _check_config(info, model.config)
+            state = _resharded_state_dict(model, info, tp, rank)
             _load_into(model, state, info.directory)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - every failure must reach all ranks
         error = e

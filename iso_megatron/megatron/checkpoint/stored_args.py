@@ -15,7 +15,8 @@ from .find import CheckpointError, CheckpointInfo, find_checkpoint
 STORED_ARGS = CHECKPOINT_ARGS + (
     "add_position_embedding", "use_rotary_position_embeddings", "rotary_interleaved",
     "apply_layernorm_1p", "squared_relu", "tensor_model_parallel_size",
-    "pipeline_model_parallel_size", "num_experts", "params_dtype", "tokenizer_model", "vocab_file",
+    "pipeline_model_parallel_size", "decoder_first_pipeline_num_layers",
+    "decoder_last_pipeline_num_layers", "num_experts", "params_dtype", "tokenizer_model", "vocab_file",
     "merge_file", "ckpt_format", "hidden_dropout", "attention_dropout")
 
 
@@ -61,6 +62,8 @@ def checkpoint_args(load_dir: str, tensor_model_parallel_size: Optional[int] = N
     holding them is read with an allowlist unless `trust_checkpoint` (see find_checkpoint)."""
     info = find_checkpoint(load_dir, ckpt_format, trust_checkpoint)
     stored = _args_dict(info.args)
+    if stored is not None and info.format == "torch":  # its files say how many stages it has
+        stored["pipeline_model_parallel_size"] = info.pp
     if tensor_model_parallel_size is not None:
         check_tp(stored, tensor_model_parallel_size, f"the checkpoint in {info.directory}")
     return stored
