@@ -635,6 +635,13 @@ def auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp:
                                       f"vs stock {p.baseline_ms:.2f} ms", p.iso_ms, p.baseline_ms)
 
 
+# Chunks of a pipelined prompt average at least this many tokens (4 tensor-core tiles): below it
+# the calibration's rates overstate what small chunks reach. Measured (launch/bench.py
+# --pipeline-model-parallel-size 2, this repo's 2-core CPU): 256 tokens in 6 chunks of ~43 took
+# 1.49x the compute of one chunk (calibrated model: far less), and the pipelined prompt 8.5% longer
+# than stock PP; 512 tokens in 2-4 chunks and longer prompts gained.
+PIPELINE_MIN_CHUNK = 256
+
 # planned once per (calibration, stage layers, length): the search simulates every candidate
 _best_pipeline_plan = lru_cache(maxsize=256)(cm.best_pipeline_plan)
 
@@ -646,7 +653,8 @@ def pipeline_auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch:
     `max_chunks`, stock unless predicted MIN_GAIN faster than stock PP. The point-to-point link
     between stages is taken to be as fast as the calibrated TP link (unmeasured: across nodes it
     is slower). Every stage must cut the same chunks: the caller plans on the first stage and
-    hands that plan to the others (the Megatron block does)."""
+    hands that plan to the others (the Megatron block does). Chunks average at least
+    PIPELINE_MIN_CHUNK tokens: shorter prompts run stock."""
     if max_chunks < 2 or seq_len < 2:
         return stock("auto: nothing to split")
     cal = calibrate(shape, env, tp=tp)
@@ -655,7 +663,7 @@ def pipeline_auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch:
     p2p = cm.P2PLink("as the TP link (assumed)", link.latency_us, link.bus_bw_gbs)
     counts = tuple(k for k in (2, 3, 4, 6, 8, 12, 16, 24, 32) if k <= max_chunks)
     plan = _best_pipeline_plan(shape, cal.device(), link, p2p, tp, (per_stage,) * stages, seq_len, batch,
-                               counts, _dtype_bytes(env.dtype), MIN_GAIN)
+                               counts, _dtype_bytes(env.dtype), MIN_GAIN, min_chunk_tokens=PIPELINE_MIN_CHUNK)
     if plan.num_chunks < 2:
         return PrefillPlan(None, "auto: no chunked pipeline predicted to pay", plan.predicted_ms, plan.baseline_ms)
     return PrefillPlan(tuple(plan.boundaries), f"auto: {plan.num_chunks} chunks through {stages} stages "

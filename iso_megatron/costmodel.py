@@ -644,13 +644,14 @@ def _identity(costs):
 def best_pipeline_plan(model: ModelShape, device: DeviceProfile, link: LinkProfile, p2p: P2PLink,
                        tp: int, layers: Sequence[int], seq_len: int, batch: int = 1,
                        chunk_counts: Sequence[int] = (2, 3, 4, 6, 8, 12, 16, 24, 32), dtype_bytes: int = 2,
-                       min_gain: float = 0.02, chunk_margin: float = 0.002) -> Plan:
+                       min_gain: float = 0.02, chunk_margin: float = 0.002, min_chunk_tokens: int = 1) -> Plan:
     """Fastest predicted chunked pipeline prefill (ISO inside the stages where TP > 1) over
     `chunk_counts`, each with equal-time chunks (`balanced`: every chunk the same compute on
     every stage, attention growing with its prefix) or a smaller first chunk (it fills the
     pipeline sooner) and the rest equal-time. K = 1 (stock) unless a plan is predicted at
     least `min_gain` faster than stock PP. Each extra chunk must save another `chunk_margin` of
-    stock's time, for the per-chunk costs the model leaves out (as `best_plan`)."""
+    stock's time, for the per-chunk costs the model leaves out (as `best_plan`); no K whose
+    average chunk is shorter than `min_chunk_tokens` is tried."""
     tc = token_cost(model)
     iso = lambda bounds: predict_pipeline(model, device, link, p2p, tp, layers, seq_len, bounds,
                                           batch, dtype_bytes).iso_ms
@@ -658,7 +659,7 @@ def best_pipeline_plan(model: ModelShape, device: DeviceProfile, link: LinkProfi
                             dtype_bytes).stock_ms
     best = Plan(1, [0, seq_len], base, base)
     for k in sorted(chunk_counts):
-        if k < 2 or k > seq_len:
+        if k < 2 or k > seq_len or seq_len < k * min_chunk_tokens:
             continue
         candidates = {tuple(chunk_boundaries(seq_len, k, "balanced", tc))}
         candidates |= {tuple(_first_then_balanced(seq_len, k, x, tc)) for x in (0.5 / k, 0.75 / k)}
