@@ -129,3 +129,27 @@ def pipeline_auto(family: str, pp: int, num_layers: int, seq_lens, max_chunks: i
                             err=None if logits is None else rel_err(logits, ref_logits),
                             tokens=tokens, ref_tokens=ref_tokens))
     return out
+
+
+def pipeline_auto_failure(pp: int, num_layers: int):
+    """split="auto" whose planning fails on the first stage (calibration raises there): every
+    stage's prefill raises, naming it, instead of the later stages waiting for a plan."""
+    from unittest import mock
+
+    from megatron.core.inference.contexts import StaticInferenceContext
+
+    from iso_megatron import ISOConfig, apply_iso, calibrate, causal_mask
+    from iso_megatron.megatron.pipeline import pipeline_forward
+
+    _setup(1, pp)
+    _, iso = _stage_pair("llama", pp, num_layers)
+    apply_iso(iso, ISOConfig(num_chunks=4, split="auto", min_tokens=0))
+    ids = torch.randint(0, 256, (1, 512), generator=torch.Generator().manual_seed(0))
+    with mock.patch.object(calibrate, "calibrate", side_effect=RuntimeError("injected calibration fault")), \
+            torch.no_grad():
+        try:
+            pipeline_forward(iso, ids, torch.arange(512)[None], causal_mask(512), StaticInferenceContext(1, 512),
+                             chunked=True)
+        except RuntimeError as e:
+            return str(e)
+    return None

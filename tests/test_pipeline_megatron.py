@@ -70,3 +70,9 @@ def test_auto_split_planned_on_the_first_stage_is_every_stages_and_exact():
     long = by_seq[1024][0]
     assert long["bounds"] is not None and len(long["bounds"]) >= 3, long  # auto cut the prompt
     assert "through 2 stages" in long["reason"], long
+
+
+def test_auto_split_failing_on_the_first_stage_fails_every_stage():
+    errors = run_ranks(2, "tests.cases_pipeline:pipeline_auto_failure", 2, LAYERS, timeout=300)
+    for e in errors:
+        assert e is not None and "failed on the first pipeline stage: RuntimeError: injected calibration fault" in e, errors

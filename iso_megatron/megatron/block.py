@@ -350,13 +350,20 @@ class ISOTransformerBlock(TransformerBlock):
             # split="auto" in a pipeline: planned on the first stage alone (every stage must cut
             # the same chunks), the plan handed to the others
             auto = pipeline is not None and self.iso_config is not None and self.iso_config.split == "auto"
-            plan = None
+            plan = error = None
             if not auto or pipeline.first:
-                plan = plan_forward(self.iso_config, self.config, self.training, hidden_states, bound,
-                                    _tp_group(self.layers), list(self.layers),
-                                    1 if pipeline is None else pipeline.stages)
+                try:
+                    plan = plan_forward(self.iso_config, self.config, self.training, hidden_states, bound,
+                                        _tp_group(self.layers), list(self.layers),
+                                        1 if pipeline is None else pipeline.stages)
+                except Exception as e:  # the other stages wait for this plan: tell them, then raise
+                    if not auto:
+                        raise
+                    error = f"{type(e).__name__}: {e}"
             if auto:
-                plan = pipeline.first_stage_plan(plan)
+                plan, error = pipeline.first_stage_plan((plan, error))
+                if error is not None:
+                    raise RuntimeError(f"ISO split='auto' failed on the first pipeline stage: {error}")
         self.iso_plan = plan
         if plan.bounds is None:
             if pipeline is not None and not pipeline.first:

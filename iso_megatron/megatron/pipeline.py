@@ -46,7 +46,8 @@ class PipelineIO:
         return PipelineIO(self.buffer, bounds, self.width)
 
     def first_stage_plan(self, plan):
-        """The first stage's prefill plan, on every stage (a collective of the pipeline group)."""
+        """The first stage's `plan` (any picklable value), on every stage (a collective of the
+        pipeline group)."""
         box = [plan]
         dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_first_rank(), group=self.group)
         return box[0]
