@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compute-tolerance", type=float, default=COMPUTE_TOLERANCE,
                    help="largest |ISO compute / stock compute - 1| accepted (default 0.05); beyond "
                         "it the run reports the records and exits with status 2")
+    g.add_argument("--bound-noise-floor", type=float, default=BOUND_NOISE_FLOOR,
+                   help="smallest noise allowed for the bound check (default 0.02): a time reduction "
+                        "beyond the same-run bound by more than the larger of this and the spread is a problem")
     pp = p.add_argument_group("pipeline (launch/bench_pipeline.py: TP 1 x PP P, time to first token)")
     pp.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                     help="> 1: time one prompt through P pipeline stages, stock PP against chunked PP")
@@ -203,6 +206,8 @@ def parse_args(argv=None):
         p.error(f"--contention must be in [0, 1), got {args.contention}")
     if not args.compute_tolerance >= 0:
         p.error(f"--compute-tolerance must be >= 0, got {args.compute_tolerance}")
+    if not args.bound_noise_floor >= 0:
+        p.error(f"--bound-noise-floor must be >= 0, got {args.bound_noise_floor}")
     return args
 
 
@@ -545,7 +550,7 @@ class Bench:
                            link_ms_per_mib=link_model.per_byte_s * 2 ** 20 * 1e3)
             if split == "auto":
                 rec["auto"] = plan._asdict()
-            rec["problems"] = problems(rec, a.compute_tolerance)
+            rec["problems"] = problems(rec, a.compute_tolerance, a.bound_noise_floor)
             records.append(rec)
             self.log(rec)
         return records
@@ -619,7 +624,7 @@ class Bench:
             iso = cache[(r["seq_len"], tuple(r["boundaries"]) if r["boundaries"] else None)]
             r.update(baseline_peak_mb=base / 2 ** 20, iso_peak_mb=iso / 2 ** 20,
                      peak_mem_ratio=iso / base if base > 0 else None)
-            r["problems"] = problems(r, a.compute_tolerance)
+            r["problems"] = problems(r, a.compute_tolerance, a.bound_noise_floor)
 
     def run(self):
         a = self.args
@@ -652,7 +657,7 @@ def spread(times) -> float:
     return (q3 - q1) / statistics.median(times)
 
 
-def problems(rec, compute_tolerance: float = COMPUTE_TOLERANCE):
+def problems(rec, compute_tolerance: float = COMPUTE_TOLERANCE, bound_noise_floor: float = BOUND_NOISE_FLOOR):
     """What in a record a sceptical reader must not accept; the run exits 2 if any has one.
 
       compute  ISO's compute without communication differs from stock's by more than the
@@ -672,11 +677,11 @@ def problems(rec, compute_tolerance: float = COMPUTE_TOLERANCE):
                    f"{compute_tolerance:.0%} and the spread) "
                    + ("below stock: a measurement artefact, not overlap" if rec["compute_ratio"] < 1
                       else "above stock: chunking overhead"))
-    noise = max(rec["spread"], BOUND_NOISE_FLOOR)
+    noise = max(rec["spread"], bound_noise_floor)
     if rec["time_reduction"] > rec["bound_reduction"] + noise:
         out.append(f"bound: time reduction {rec['time_reduction']:+.1%} beyond the same-run bound's "
                    f"{rec['bound_reduction']:+.1%} by more than the noise {noise:.1%} (the spread, "
-                   f"at least {BOUND_NOISE_FLOOR:.0%})")
+                   f"at least {bound_noise_floor:.0%})")
     mem = rec.get("peak_mem_ratio")
     if mem is not None and mem > 1 + MEMORY_TOLERANCE:
         out.append(f"memory: ISO peak {mem:.3f} x stock's")

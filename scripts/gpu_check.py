@@ -86,8 +86,10 @@ SIZES = {
                        "--num-query-groups", "4", "--timing-repeats", "1", "--timing-warmup", "1",
                        "--compute-reps", "1", "--threads", "1",
                        # the 2-layer toy model is bound by the per-chunk overhead (ISO computes
-                       # 20-35% more than stock): the parity check runs at the GPU sizes
-                       "--compute-tolerance", "100"],
+                       # 20-35% more than stock) and one repetition of it is noisy (a compute twin
+                       # 10-20% off made ISO "beat" its bound in 2 of ~10 runs): the parity and
+                       # bound checks run at the GPU sizes
+                       "--compute-tolerance", "100", "--bound-noise-floor", "100"],
                 budgets=dict(environment=30, exactness=40, host_syncs=20, poison_reducer=20, tp2_nccl=60,
                              proxy_bench=45)),
 }
