@@ -117,6 +117,14 @@ def median(values: List[float]) -> float:
     return statistics.median(values)
 
 
+def spread(times: List[float]) -> float:
+    """The repetitions' spread: interquartile range over the median (0 for one repetition)."""
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(times)
+
+
 # glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 

@@ -624,21 +624,17 @@ def predict_pipeline(model: ModelShape, device: DeviceProfile, link: LinkProfile
         raise ValueError(f"every stage needs at least one layer, got {list(layers)}")
     merged, last = is_parallel_residual(model), len(layers) - 1
 
-    def run(bounds, make_costs, iso_parts):
+    def run(bounds, make_costs, iso_parts, contention=0.0):
         k = len(bounds) - 1
         costs = make_costs(step_costs(model, device, link, tp, bounds, batch, dtype_bytes))
         steps = [stage_schedule(n, k, i == 0, i == last, merged and iso_parts) for i, n in enumerate(layers)]
         send = {c: p2p.seconds((e - b) * batch * model.hidden * dtype_bytes)
                 for c, (b, e) in enumerate(zip(bounds, bounds[1:]))}
-        return simulate_pipeline(steps, [costs] * len(layers), send,
-                                 device.contention if make_costs is _identity else 0.0) * 1e3
+        return simulate_pipeline(steps, [costs] * len(layers), send, contention) * 1e3
 
+    # only ISO has all-reduces in flight beside compute: the others wait for each (or hide none)
     return PipelinePrediction(run([0, seq_len], _synchronous, False), run(boundaries, _synchronous, False),
-                              run(boundaries, _identity, True), run(boundaries, _hidden, True))
-
-
-def _identity(costs):
-    return dict(costs)
+                              run(boundaries, dict, True, device.contention), run(boundaries, _hidden, True))
 
 
 def best_pipeline_plan(model: ModelShape, device: DeviceProfile, link: LinkProfile, p2p: P2PLink,

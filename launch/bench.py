@@ -534,8 +534,8 @@ class Bench:
                        hidden_fraction=(base_ms - iso_ms) / (base_ms - bound_ms)
                        if base_ms - bound_ms > 0.01 * base_ms else None,
                        time_reduction=1 - iso_ms / base_ms,
-                       spread=max(spread(times["baseline"]), spread(times[split])),
-                       compute_spread=max(spread(ctimes["baseline"]), spread(ctimes[split])),
+                       spread=max(cli.spread(times["baseline"]), cli.spread(times[split])),
+                       compute_spread=max(cli.spread(ctimes["baseline"]), cli.spread(ctimes[split])),
                        peak_mem_ratio=None, link_compute_ms=stock_compute_s * 1e3,
                        baseline_times_ms=times["baseline"], iso_times_ms=times[split],
                        stock_compute_times_ms=ctimes["baseline"], iso_compute_times_ms=ctimes[split],
@@ -646,16 +646,6 @@ class Bench:
 
 
 # ---------------------------------------------------------------- output
-
-def spread(times) -> float:
-    """The repetitions' spread: interquartile range over the median (0 for one repetition)."""
-    import statistics
-
-    if len(times) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return (q3 - q1) / statistics.median(times)
-
 
 def problems(rec, compute_tolerance: float = COMPUTE_TOLERANCE, bound_noise_floor: float = BOUND_NOISE_FLOOR):
     """What in a record a sceptical reader must not accept; the run exits 2 if any has one.

@@ -239,7 +239,7 @@ class PipelineBench:
                     ttft = statistics.median(times[name])
                     rec = dict(seq_len=s, stages=self.stages, plan=name, chunks=None if bounds is None else len(bounds) - 1,
                                boundaries=bounds, ttft_ms=ttft, stock_ms=stock_ms, ratio=ttft / stock_ms,
-                               spread=_spread(times[name]), link_latency_us=link.latency_us, link_gbs=link.bw_gbs)
+                               spread=cli.spread(times[name]), link_latency_us=link.latency_us, link_gbs=link.bw_gbs)
                     if bounds is None:
                         rec.update(stage_compute_ms=stage_stock, bound_ms=None, bound_saving_share=None)
                     else:
@@ -257,13 +257,6 @@ class PipelineBench:
         out = [None] * self.world
         dist.all_gather_object(out, value)
         return out
-
-
-def _spread(times) -> float:
-    if len(times) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return (q3 - q1) / statistics.median(times)
 
 
 def _line(r) -> str:

@@ -23,7 +23,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from collections import defaultdict
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -74,18 +73,12 @@ def kernel_times(fn, reps: int):
 
 
 def sync_warnings(fn) -> int:
+    """CUDA sync-debug warnings in one call of `fn` (scripts/gpu_check.py's detector); -1 on CPU."""
     if not CUDA:
         return -1
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    return sum("synchroniz" in str(w.message) for w in caught)
+    from gpu_check import count_syncs  # this script's folder is on the path
+
+    return count_syncs(fn, "cuda")["sync_debug"]
 
 
 def first_sync_site(fn) -> str:
