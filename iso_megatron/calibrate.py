@@ -115,6 +115,11 @@ PROBE_MIN_REPEATS = 3    # ... but after PROBE_BUDGET_S, no more than this many 
 PROBE_BUDGET_S = 2.0     # on CPU: one real layer over 128 tokens takes tens of ms and more)
 MESSAGE_BYTES = 512      # per-rank slot of the error message in the combining all-reduce
 TOKEN_ROWS = (256, 1024)  # rows of the elementwise miniature (no probe of the model's layer)
+GEMM_ROWS = 512  # rows of the rate probe's GEMM (its width: the model's MLP)
+# CUDA: a 512-row GEMM is short enough that its launch shows (an H200 calibrated 628 TFLOP/s
+# there, while the model's GEMMs ran at 783 over 8192 tokens: docs/gpu_results.md)
+GEMM_ROWS_CUDA = 4096
+TOKEN_ROWS_CUDA = (2048, 8192)  # ... on CUDA: enough rows that the kernels, not their launches, take the time
 
 
 class Calibration(NamedTuple):
@@ -126,11 +131,12 @@ class Calibration(NamedTuple):
     step_overhead_s: float   # measured: one layer part of one chunk
     attn_pair_s: float = 0.0  # fused causal attention, seconds per pair of one head; 0: unfused
     token_s: float = 0.0      # measured: per token (x batch) of one layer part, what the rooflines omit
+    host_async: bool = False  # CUDA: the host issues ahead (`costmodel.DeviceProfile.host_async`)
 
     def device(self):
         return cm.DeviceProfile("calibrated", self.gemm_tflops, self.mem_bw_gbs, "measured at first use",
                                 step_overhead_s=self.step_overhead_s, attn_score_table=self.attn_score_table,
-                                attn_pair_s=self.attn_pair_s, token_s=self.token_s)
+                                attn_pair_s=self.attn_pair_s, token_s=self.token_s, host_async=self.host_async)
 
     def link(self):
         return cm.LinkProfile("calibrated", self.latency_us, self.bus_bw_gbs, "measured at first use")
@@ -194,7 +200,7 @@ def _measure_compute(shape: ModelShape, tp, device, dtype, sync=None) -> Tuple[f
     """(GEMM TFLOP/s at the model's MLP shape, copy bandwidth GB/s)."""
     h = shape.hidden
     n = max(1, shape.ffn_hidden // tp)
-    m = 512
+    m = GEMM_ROWS_CUDA if device.type == "cuda" else GEMM_ROWS
     a, b = torch.randn(m, h, device=device, dtype=dtype), torch.randn(h, n, device=device, dtype=dtype)
     gemm_s = _fastest_s(lambda: a @ b, device, reps=5)
     x = torch.empty(8 << 20, device=device, dtype=torch.float32)
@@ -381,14 +387,16 @@ def _elementwise_layer(shape: ModelShape, tp, device, dtype, rows: int):
 
 def _measure_elementwise(shape: ModelShape, tp, device, dtype) -> float:
     """Seconds per token of one layer part of `_elementwise_layer`: the slope between its two
-    row counts (`TOKEN_ROWS`), halved over the two parts; fastest of interleaved repeats."""
-    small, large = (_elementwise_layer(shape, tp, device, dtype, rows) for rows in TOKEN_ROWS)
+    row counts (`TOKEN_ROWS`, CUDA: `TOKEN_ROWS_CUDA`), halved over the two parts; fastest of
+    interleaved repeats."""
+    counts = TOKEN_ROWS_CUDA if device.type == "cuda" else TOKEN_ROWS
+    small, large = (_elementwise_layer(shape, tp, device, dtype, rows) for rows in counts)
     small(), large()  # warm-up
     t_small = t_large = float("inf")
     for _ in range(5):
         t_small = min(t_small, _fastest_s(small, device, reps=1, warmup=0))
         t_large = min(t_large, _fastest_s(large, device, reps=1, warmup=0))
-    return max((t_large - t_small) / (TOKEN_ROWS[1] - TOKEN_ROWS[0]) / 2, 0.0)
+    return max((t_large - t_small) / (counts[1] - counts[0]) / 2, 0.0)
 
 
 def _measure_token_cost(shape: ModelShape, tp, device, dtype, step_probe, one_s: Optional[float],
@@ -406,8 +414,13 @@ def _measure_token_cost(shape: ModelShape, tp, device, dtype, step_probe, one_s:
     prompts (`_measure_attention_pairs`; the cost model has one per-token term for both parts,
     so half of it per part). The probe's 128 rows hold the kernel's per-query cost at that size
     (smaller blocks there: about half of it), which is so counted twice: +3% of a 1024-token
-    layer on the 2-core CPU (8 heads), +1% at 8192 (docs/costmodel_validation.md)."""
-    rows = _probe_rows(step_probe) if one_s is not None else None
+    layer on the 2-core CPU (8 heads), +1% at 8192 (docs/costmodel_validation.md).
+
+    Not on CUDA: there the probe's 128 rows are issued slower than the GPU runs them (an H200:
+    megatron's Python 1.4-2.1 ms per layer call, docs/gpu_results.md), so the one-chunk time is
+    the host's and its rest is no per-token cost (read as one, it put the H200's predictions at
+    1.9-2.7x the measured compute); the miniature at `TOKEN_ROWS_CUDA` is device-bound."""
+    rows = _probe_rows(step_probe) if one_s is not None and device.type != "cuda" else None
     attention = per_query * max(1, shape.num_heads // tp) / 2
     if rows is not None:
         tokens, batch = rows
@@ -563,7 +576,8 @@ def _measure(shape: ModelShape, env: Environment, tp: int) -> Calibration:
     *scores, latency, per_byte = rest
     table = tuple((float(r * k), t) for (r, k), t in zip(ATTN_LADDER, scores))  # () when fused
     busbw = 2 * (tp - 1) / tp / per_byte / 1e9 if tp > 1 else float("inf")
-    return Calibration(1.0 / inv_tflops, 1.0 / inv_bw, table, latency * 1e6, busbw, step, pair, token)
+    return Calibration(1.0 / inv_tflops, 1.0 / inv_bw, table, latency * 1e6, busbw, step, pair, token,
+                       device.type == "cuda")
 
 
 def _is_distributed(group) -> bool:
@@ -639,8 +653,13 @@ def auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp:
 # the calibration's rates overstate what small chunks reach. Measured (launch/bench.py
 # --pipeline-model-parallel-size 2, this repo's 2-core CPU): 256 tokens in 6 chunks of ~43 took
 # 1.49x the compute of one chunk (calibrated model: far less), and the pipelined prompt 8.5% longer
-# than stock PP; 512 tokens in 2-4 chunks and longer prompts gained.
+# than stock PP; 512 tokens in 2-4 chunks and longer prompts gained. That is at TP 1, where the
+# chunks gain only the pipeline's fill. With TP > 1 ISO's overlap pays for smaller chunks (one
+# 64-token tile, as auto without PP; measured with each stage standing in for TP 2 at M/C 0.5,
+# docs/bench_cpu_pp_emulated.json: 256 tokens in 2 or 4 chunks 0.81 and 0.74 of stock PP, in 8
+# of 32 tokens 0.86; auto took 4).
 PIPELINE_MIN_CHUNK = 256
+PIPELINE_MIN_CHUNK_TP = 64
 
 # planned once per (calibration, stage layers, length): the search simulates every candidate
 _best_pipeline_plan = lru_cache(maxsize=256)(cm.best_pipeline_plan)
@@ -651,23 +670,27 @@ def pipeline_auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch:
     """The plan of one stage of `stages` (chunked pipeline prefill): `costmodel.best_pipeline_plan`
     on this machine's calibration (collective over the TP group the first time), K up to
     `max_chunks`, stock unless predicted MIN_GAIN faster than stock PP. The point-to-point link
-    between stages is taken to be as fast as the calibrated TP link (unmeasured: across nodes it
-    is slower). Every stage must cut the same chunks: the caller plans on the first stage and
-    hands that plan to the others (the Megatron block does). Chunks average at least
-    PIPELINE_MIN_CHUNK tokens: shorter prompts run stock."""
+    between stages is `env.stage_link` (the Megatron block measures it), else taken to be as
+    fast as the calibrated TP link. Every stage must cut the same chunks: the caller plans on
+    the first stage and hands that plan to the others (the Megatron block does). Chunks average at least
+    PIPELINE_MIN_CHUNK tokens at TP 1, PIPELINE_MIN_CHUNK_TP with TP > 1: shorter prompts run
+    stock."""
     if max_chunks < 2 or seq_len < 2:
         return stock("auto: nothing to split")
     cal = calibrate(shape, env, tp=tp)
     per_stage = -(-shape.num_layers // stages)  # the busiest stage's layers (an even split rounded up)
     link = cal.link()
-    p2p = cm.P2PLink("as the TP link (assumed)", link.latency_us, link.bus_bw_gbs)
+    p2p = env.stage_link or cm.P2PLink("as the TP link (assumed)", link.latency_us, link.bus_bw_gbs)
     counts = tuple(k for k in (2, 3, 4, 6, 8, 12, 16, 24, 32) if k <= max_chunks)
     plan = _best_pipeline_plan(shape, cal.device(), link, p2p, tp, (per_stage,) * stages, seq_len, batch,
-                               counts, _dtype_bytes(env.dtype), MIN_GAIN, min_chunk_tokens=PIPELINE_MIN_CHUNK)
+                               counts, _dtype_bytes(env.dtype), MIN_GAIN,
+                               min_chunk_tokens=PIPELINE_MIN_CHUNK if tp < 2 else PIPELINE_MIN_CHUNK_TP)
+    over = f"stage link {p2p.name}: {p2p.latency_us:.0f} us + {p2p.bw_gbs:.3g} GB/s"
     if plan.num_chunks < 2:
-        return PrefillPlan(None, "auto: no chunked pipeline predicted to pay", plan.predicted_ms, plan.baseline_ms)
+        return PrefillPlan(None, f"auto: no chunked pipeline predicted to pay ({over})", plan.predicted_ms,
+                           plan.baseline_ms)
     return PrefillPlan(tuple(plan.boundaries), f"auto: {plan.num_chunks} chunks through {stages} stages "
-                       f"predicted {plan.predicted_ms:.2f} ms vs stock PP {plan.baseline_ms:.2f} ms",
+                       f"predicted {plan.predicted_ms:.2f} ms vs stock PP {plan.baseline_ms:.2f} ms ({over})",
                        plan.predicted_ms, plan.baseline_ms)
 
 

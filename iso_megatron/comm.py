@@ -1,4 +1,4 @@
-"""Asynchronous tensor-parallel reduces, and which backend carries them.
+"""Asynchronous tensor-parallel reduces and pipeline transfers, and which backend carries them.
 
 A reducer has one method, `start(tensor) -> handle`, that begins an in-place sum of `tensor`
 over the TP group; `handle.wait()` makes the caller's later work see the sum. With NCCL the
@@ -11,7 +11,13 @@ Backends are chosen with `with`, never by patching a module:
                             `iso_megatron.emulated`, or the one-GPU proxy link)
   with stand_in_tp(n):      one process plans as if its TP group had n ranks (the proxy link
                             stands in for the group); `tp_size(group)` answers n
-Both are context variables: they end with their block, also on error, and do not leak into
+
+The point-to-point transfers between pipeline stages likewise (`make_p2p(group)`: an object
+with `isend(tensor, dst, tag)` / `irecv(tensor, src, tag)` returning handles with `wait()`):
+  (default)                 TorchDistP2P: torch.distributed.isend / irecv on the group
+  with use_p2p(f):          f(group) carries them (benchmarks: `emulated.EmulatedP2P`, a
+                            stage link at a chosen speed)
+All are context variables: they end with their block, also on error, and do not leak into
 other threads.
 """
 
@@ -34,8 +40,22 @@ class TorchDistReducer:
         return dist.all_reduce(tensor, group=self.group, async_op=True)
 
 
+class TorchDistP2P:
+    """Point-to-point transfers on a torch.distributed process group (dst / src: global ranks)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def isend(self, tensor, dst: int, tag: int = 0):
+        return dist.isend(tensor, dst=dst, group=self.group, tag=tag)
+
+    def irecv(self, tensor, src: int, tag: int = 0):
+        return dist.irecv(tensor, src=src, group=self.group, tag=tag)
+
+
 _reducer_factory: ContextVar[Callable] = ContextVar("iso_reducer_factory", default=TorchDistReducer)
 _stand_in_tp: ContextVar[Optional[int]] = ContextVar("iso_stand_in_tp", default=None)
+_p2p_factory: ContextVar[Callable] = ContextVar("iso_p2p_factory", default=TorchDistP2P)
 
 
 def make_reducer(group):
@@ -58,6 +78,27 @@ def use_reducer(factory: Callable):
         _reducer_factory.reset(token)
 
 
+def make_p2p(group):
+    """The transport of a pipeline stage's transfers on `group` (TorchDistP2P unless `use_p2p`
+    says otherwise)."""
+    return _p2p_factory.get()(group)
+
+
+def p2p_key():
+    """Identity of the stage-link backend in use (a measured stage link is cached per backend)."""
+    return _p2p_factory.get()
+
+
+@contextmanager
+def use_p2p(factory: Callable):
+    """Route pipeline stages' point-to-point transfers through `factory(group)` for the block."""
+    token = _p2p_factory.set(factory)
+    try:
+        yield factory
+    finally:
+        _p2p_factory.reset(token)
+
+
 @contextmanager
 def stand_in_tp(size: int):
     """Plan ISO as if the TP group had `size` ranks although this process is alone in it: the
@@ -69,6 +110,16 @@ def stand_in_tp(size: int):
         yield size
     finally:
         _stand_in_tp.reset(token)
+
+
+def stand_in_factor(group) -> int:
+    """How many ranks' work one rank of `group` does: the stand-in's size over the group's
+    (a process standing in for TP n runs the whole model), 1 without a stand-in."""
+    pretend = _stand_in_tp.get()
+    if pretend is None:
+        return 1
+    real = dist.get_world_size(group) if group is not None and dist.is_available() and dist.is_initialized() else 1
+    return max(1, pretend // real)
 
 
 def tp_size(group) -> int:

@@ -7,9 +7,12 @@ Per layer and per tensor-parallel rank, a chunk of tokens [start, end) costs
          latency + bytes * 2(n-1)/n / bus_bw  (NCCL-tests' "busbw" convention; n = 1: no AR)
 Each GEMM is a roofline, max(flops / matmul rate, bytes / memory bandwidth), with its weights read
 once per chunk: this is why tiny chunks cost more than they hide. Each compute step (one part of
-one chunk) also pays the device's `step_overhead_s` and `token_s` per token (norms, RoPE,
-elementwise and per-op work the rooflines leave out; 0 for the datasheet GPU profiles). The
-embedding / output layer is left out (the same with and without ISO).
+one chunk) also pays the device's `token_s` per token (norms, RoPE, elementwise and per-op
+work the rooflines leave out; 0 for the datasheet GPU profiles) and its `step_overhead_s`, the
+host's time to issue the step: added where the host waits for each kernel (CPU), and where the
+host issues ahead of the device (`host_async`: CUDA) the step takes the longer of the two, the
+host's issue or the device's work. The embedding / output layer is left out (the same with and
+without ISO).
 
 Boundaries come from `planner.chunk_boundaries` (rounded to 64-token tiles where the prompt is
 long enough), so a prediction is of the chunks that run.
@@ -83,6 +86,12 @@ class DeviceProfile:
     # s: while an all-reduce is in flight, compute runs at (1 - s) of its speed (0 <= s < 1).
     contention: float = 0.0
     contention_source: str = ""
+    # The host issues kernels ahead of the device (CUDA streams): a compute step costs
+    # max(step_overhead_s, the device's work) instead of their sum. Measured on an H200
+    # (docs/gpu_results.md, 4 layers of 4096 hidden): at 1024 tokens the host took about 5.5 ms
+    # to issue what the GPU ran in 3.3 ms, and the forward about 4.7 ms, far from the 8.8 of
+    # the sum (the two figures come from different runs).
+    host_async: bool = False
 
     def __post_init__(self):
         check_contention(self.contention)
@@ -287,8 +296,12 @@ def chunk_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp:
     fc1 = gemm_time(m, h, model.ffn_hidden / tp, device, dtype_bytes)
     mlp = fc1 * (2 if model.gated else 1) + gemm_time(m, model.ffn_hidden / tp, h, device, dtype_bytes)
     ar = allreduce_time(m * h * dtype_bytes, link, tp)
-    step = device.step_overhead_s + device.token_s * m  # m = tokens x batch
-    return {"attn": PartCost(attn + step, ar), "mlp": PartCost(mlp + step, ar)}
+    token = device.token_s * m  # m = tokens x batch
+    if device.host_async:  # the host's issue hides behind the device's work, or the reverse
+        step = lambda work: max(device.step_overhead_s, work + token)
+    else:
+        step = lambda work: work + token + device.step_overhead_s
+    return {"attn": PartCost(step(attn), ar), "mlp": PartCost(step(mlp), ar)}
 
 
 def step_costs(model: ModelShape, device: DeviceProfile, link: LinkProfile, tp: int,

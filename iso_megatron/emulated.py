@@ -29,14 +29,19 @@ How the real all-reduce travels (`real=`):
           outputs are then the ranks' partial sums).
 Measured on the 2-core CPU (S=1024, ratio 0.5, even split; compute-only ISO 393 ms): none
 387-425 ms, eager 423-466 ms, lazy 490-543 ms.
+
+`emulate(link, stand_in_tp=n)`: one process stands in for a TP group of n (the pipeline
+benchmark's stages), its reduces and stock's held to the link over a group of one.
+`WaitedReducer` waits each reduce as it starts (ISO's chunks without the overlap).
+`EmulatedP2P` is the same idea for the link between pipeline stages (`comm.use_p2p`).
 """
 
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -302,21 +307,106 @@ def route_stock_reduces(reduce: Callable):
 
 
 @contextmanager
-def emulate(link: EmulatedLink):
+def emulate(link: EmulatedLink, stand_in_tp: Optional[int] = None):
     """ISO's reduces and stock megatron's synchronous ones both over `link`, for the block; on
     exit every transfer still in flight is waited for. A group of one rank is left alone (stock
-    megatron does not reduce there, nor does the link: TP 1 has no all-reduce at all)."""
-    from .comm import use_reducer
+    megatron does not reduce there, nor does the link: TP 1 has no all-reduce at all) unless
+    `stand_in_tp` = n: then this process stands in for a TP group of n (`comm.stand_in_tp`: ISO
+    plans as TP n) and every reduce, stock's included, takes the link's time over its group of
+    one (give such a link real="none": the sum over one rank is the tensor itself)."""
+    from .comm import stand_in_tp as planned_as, use_reducer
+
+    if stand_in_tp is not None and link.real != "none":
+        raise ValueError(f"emulate(stand_in_tp={stand_in_tp}): the link must be real='none' (a group of one "
+                         f"has nothing to sum), got real={link.real!r}")
 
     def stock_reduce(tensor, group):
-        if group is not None and group.size() > 1:
+        if stand_in_tp is not None or (group is not None and group.size() > 1):
             link.sync_reduce(tensor, group)
 
-    with use_reducer(link), route_stock_reduces(stock_reduce):
+    with use_reducer(link), route_stock_reduces(stock_reduce), \
+            (planned_as(stand_in_tp) if stand_in_tp is not None else nullcontext()):
         try:
             yield link
         finally:
             link.drain()
+
+
+class WaitedReducer:
+    """Every reduce waited for as soon as it starts: ISO's chunks without the overlap (the
+    pipeline benchmark's "chunked" column). A `use_reducer` factory around another one."""
+
+    def __init__(self, factory: Callable):
+        self.factory = factory
+
+    def __call__(self, group) -> "_WaitedStart":
+        return _WaitedStart(self.factory(group))
+
+
+class _WaitedStart:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def start(self, tensor):
+        handle = self.inner.start(tensor)
+        handle.wait()
+        return handle
+
+
+# ---------------------------------------------------------------- the link between pipeline stages
+
+class _P2PHandle:
+    def __init__(self, works, deadline: Callable[[], float], keep=()):
+        self.works, self.deadline, self.keep, self._done = works, deadline, keep, False
+
+    def wait(self):
+        if not self._done:
+            for w in self.works:
+                w.wait()
+            _hold_until(self.deadline())
+            self._done = True
+        return True
+
+
+class EmulatedP2P:
+    """A pipeline stage's emulated point-to-point link (a `comm.use_p2p` factory; one per rank):
+    every transfer runs for real (torch.distributed isend / irecv: the values are the real
+    ones) and lands no earlier than its modelled time. The sender's transfers to one peer
+    queue in order, each taking `LinkModel.seconds(nbytes)` from when it is issued and the
+    previous one is done; the modelled arrival travels with the data (one float64 on the next
+    tag) and the receiver's `wait()` holds until it. Both ranks read time.perf_counter
+    (CLOCK_MONOTONIC: one clock for the processes of one host), so the ranks must share a
+    host. Contention does not apply (a stage transfer takes a few SMs at most)."""
+
+    def __init__(self, model: LinkModel = LinkModel()):
+        if model.contention:
+            raise ValueError("EmulatedP2P: contention applies to TP all-reduces only, give contention=0")
+        self.model = model
+        self.free_at: Dict[int, float] = {}
+
+    def __call__(self, group) -> "_EmulatedP2PGroup":
+        return _EmulatedP2PGroup(self, group)
+
+
+class _EmulatedP2PGroup:
+    def __init__(self, link: EmulatedP2P, group):
+        self.link, self.group = link, group
+
+    def isend(self, tensor, dst: int, tag: int = 0):
+        now = time.perf_counter()
+        nbytes = tensor.numel() * tensor.element_size()
+        done = max(now, self.link.free_at.get(dst, 0.0)) + self.link.model.seconds(nbytes)
+        self.link.free_at[dst] = done
+        stamp = torch.tensor([done], dtype=torch.float64, device=tensor.device)
+        works = [dist.isend(tensor, dst=dst, group=self.group, tag=2 * tag),
+                 dist.isend(stamp, dst=dst, group=self.group, tag=2 * tag + 1)]
+        return _P2PHandle(works, lambda: done, keep=(stamp,))
+
+    def irecv(self, tensor, src: int, tag: int = 0):
+        stamp = torch.zeros(1, dtype=torch.float64, device=tensor.device)
+        works = [dist.irecv(tensor, src=src, group=self.group, tag=2 * tag),
+                 dist.irecv(stamp, src=src, group=self.group, tag=2 * tag + 1)]
+        return _P2PHandle(works, lambda: float(stamp.item()))
 
 
 def no_comm_link() -> EmulatedLink:

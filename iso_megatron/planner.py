@@ -74,6 +74,9 @@ class Environment(NamedTuple):
     TE, flash) or "unfused" (scores of the whole [queries, keys] rectangle, masked, softmax:
     megatron's local DotProductAttention, HF's eager attention). None: the device's usual kind
     (CUDA fused, CPU unfused).
+
+    `stage_link`, optional: the measured link between pipeline stages (a `costmodel.P2PLink`)
+    for a chunked pipeline prefill to plan with; None: taken to be as fast as the TP link.
     """
 
     device: object
@@ -81,6 +84,7 @@ class Environment(NamedTuple):
     group: object
     step_probe: Optional[Callable[[int], object]] = None
     attention: Optional[str] = None
+    stage_link: Optional[object] = None
 
 
 def plan_prefill(iso, shape: ModelShape, seq_len: int, batch: int, tp: int,
@@ -101,6 +105,11 @@ def plan_prefill(iso, shape: ModelShape, seq_len: int, batch: int, tp: int,
         return stock("tensor-parallel size 1: nothing to overlap")
     if seq_len < max(iso.min_tokens, 2):
         return stock(f"prompt of {seq_len} tokens is shorter than min_tokens={iso.min_tokens}")
+    from .comm import stand_in_factor  # torch.distributed: only once a plan is made
+
+    # a process standing in for its TP group computes the whole model: plan as one rank of a
+    # model that much wider (at TP 1 of a real group, factor 1: the shape as it is)
+    shape = shape.widened(stand_in_factor(env.group if env is not None else None))
     if iso.split == "auto":
         if env is None:
             raise ValueError("split='auto' needs the device, dtype and TP group to calibrate on")

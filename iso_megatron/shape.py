@@ -46,6 +46,19 @@ class ModelShape:
         """Weights of all layers plus untied embedding and output layer (norms, biases left out)."""
         return self.num_layers * self.layer_params() + 2 * self.vocab * self.hidden
 
+    def widened(self, factor: int) -> "ModelShape":
+        """The model `factor` times wider in heads, K/V groups and FFN (hidden and head width
+        kept): one TP-`factor` rank of it computes what one process of this model does. A
+        process standing in for a TP group (`comm.stand_in_tp`) runs the whole model while ISO
+        plans as one rank of `factor`: the planner sees this shape."""
+        if factor == 1:
+            return self
+        from dataclasses import replace
+
+        return replace(self, name=f"{self.name} (x{factor} wide)", num_heads=self.num_heads * factor,
+                       num_query_groups=self.num_query_groups * factor, ffn_hidden=self.ffn_hidden * factor,
+                       kv_channels=self.head_dim)
+
     @classmethod
     def from_megatron_config(cls, config, name: str = "megatron", vocab: int = 0) -> "ModelShape":
         """From a megatron-core TransformerConfig."""

@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="> 1: time one prompt through P pipeline stages, stock PP against chunked PP")
     pp.add_argument("--pp-chunks", default="2,4,8,auto",
                     help="chunkings compared with stock PP: chunk counts (equal-time chunks) and auto")
+    pp.add_argument("--pp-link", default="gloo",
+                    help="the link between stages: gloo (the real transfers, measured) or ratio:R (emulated: "
+                         "the whole prompt's hidden states cross it in R x the busiest stage's stock compute)")
+    pp.add_argument("--pp-tp-ratio", type=float, default=0.0,
+                    help="> 0: each stage stands in for a TP 2 group whose all-reduces (stock's too) take this "
+                         "ratio of its stock compute on an emulated link; adds the chunked runs without ISO's "
+                         "overlap ('K=n sync') beside chunked + ISO ('K=n')")
     p.set_defaults(**DEFAULT_MODEL)
     return p
 
@@ -208,6 +215,19 @@ def parse_args(argv=None):
         p.error(f"--compute-tolerance must be >= 0, got {args.compute_tolerance}")
     if not args.bound_noise_floor >= 0:
         p.error(f"--bound-noise-floor must be >= 0, got {args.bound_noise_floor}")
+    if not 0 <= args.pp_tp_ratio < math.inf:
+        p.error(f"--pp-tp-ratio must be a finite ratio >= 0, got {args.pp_tp_ratio}")
+    args.pp_link_ratio = None  # gloo
+    if args.pp_link != "gloo":
+        kind, _, value = args.pp_link.partition(":")
+        try:
+            args.pp_link_ratio = float(value)
+        except ValueError:
+            args.pp_link_ratio = -1.0
+        if kind != "ratio" or not 0 <= args.pp_link_ratio < math.inf:
+            p.error(f"--pp-link: want gloo or ratio:<R> with a finite R >= 0, got {args.pp_link!r}")
+    if args.pipeline_model_parallel_size < 2 and (args.pp_link != "gloo" or args.pp_tp_ratio):
+        p.error("--pp-link / --pp-tp-ratio are the pipeline benchmark's: need --pipeline-model-parallel-size > 1")
     return args
 
 
@@ -319,7 +339,9 @@ class Bench:
         # what Megatron-LM runs for --bf16 / --fp16: megatron-core's Float16Module around it
         self.model = float16_module(self.gpt, self.config)
         self.param_dtypes = sorted({str(p.dtype).replace("torch.", "") for p in self.model.parameters()})
-        self.shape = ModelShape.from_megatron_config(self.config)
+        # the shape ISO plans with: under the proxy one process runs the whole model as one
+        # rank of TP n, i.e. one rank of a model n times wider (`ModelShape.widened`, as the planner)
+        self.shape = ModelShape.from_megatron_config(self.config).widened(self.tp if self.link_mode == "proxy" else 1)
         self.group = parallel_state.get_tensor_model_parallel_group()
         dev = torch.device("cuda", torch.cuda.current_device()) if self.device == "cuda" else torch.device("cpu")
         # the attention the bench model runs, as the block's own auto plan measures it
@@ -725,7 +747,14 @@ def plot(records, path):
 
 
 def summarize(records) -> str:
-    """Markdown table of a bench JSON: per profile, prompt length and split."""
+    """Markdown table of a bench JSON: per profile, prompt length and split (a pipeline bench's
+    JSON: `bench_pipeline.summarize`)."""
+    if records and "stages" in records[0]:
+        try:
+            from launch import bench_pipeline
+        except ImportError:  # run as a script: launch/ itself is on the path
+            import bench_pipeline
+        return bench_pipeline.summarize(records)
     rows = ["| profile | prompt | split | K | stock C ms | ISO C ms | M ms | M/C (ISO) | s | bound ms | "
             "stock ms | ISO ms | hidden fraction | time reduction (bound) | spread | peak mem | model C error |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -1,34 +1,51 @@
 """Chunked pipeline prefill benchmark (issue 16): time to first token of one prompt through P
-pipeline stages, stock PP against chunked PP, beside the same run's bound.
+pipeline stages, stock PP against chunked PP (with and without ISO inside the stages), beside
+the same run's bound.
 
-    torchrun --nproc-per-node 2 launch/bench.py --pipeline-model-parallel-size 2 \\
-        --seq-lens 256,2048,4096 --pp-chunks 2,4,8,auto
+    torchrun --nproc-per-node 2 launch/bench.py --pipeline-model-parallel-size 2 \
+        --seq-lens 256,2048,4096 --pp-chunks 2,4,8,auto \\
+        [--pp-tp-ratio 0.5 --pp-link ratio:0.05]
 
 (`launch/bench.py` hands a run with --pipeline-model-parallel-size > 1 to `main` here.) Ranks
 are TP 1 x PP P: on this 2-core machine the only layout whose timings are honest (each stage one
-process on one core); TP > 1 inside the stages adds ISO's overlap and is an exactness check here
-(tests/test_pipeline_megatron.py). The stages exchange chunks over torch.distributed (gloo on
-CPU, the launcher's path: `iso_megatron/megatron/pipeline.py`), measured, not emulated.
+process on one core); real TP > 1 inside the stages is an exactness check here
+(tests/test_pipeline_megatron.py). The links:
+  stage link   --pp-link gloo (default): the chunks travel over torch.distributed (gloo, the
+               launcher's path: `iso_megatron/megatron/pipeline.py`), measured, not emulated;
+               --pp-link ratio:R: the same transfers held to an emulated link
+               (`emulated.EmulatedP2P`) on which the whole prompt's hidden states take R x the
+               busiest stage's stock compute (Llama-3-70B at TP 8 x PP 4 on H100 nodes over
+               InfiniBand NDR: R ~ 0.04-0.06 at 8k tokens, by the cost model)
+  TP link      --pp-tp-ratio R > 0: each stage stands in for a TP 2 group (`emulated.emulate`
+               with stand_in_tp=2: ISO plans as TP 2, stock's all-reduces and ISO's take the
+               emulated link's time over the group of one) whose all-reduces take R x the
+               stage's stock compute in all; the stage's compute stays the whole model's
+               (one process), so R is the ratio to read. 0 (default): no TP link.
 
 Per prompt length, interleaved rep by rep:
   stock     megatron-core PP inference: stage after stage, the whole prompt at once
-  K=n       the prompt in n equal-time chunks (planner `balanced`: each chunk the same compute,
-            attention growing with its prefix) flowing through the stages
+  K=n sync  (with a TP link) the prompt in n equal-time chunks flowing through the stages,
+            each all-reduce waited for as it starts: chunked PP without ISO's overlap
+  K=n       the same chunks with ISO's overlap inside each stage (planner `balanced`: each
+            chunk the same compute, attention growing with its prefix)
   auto      the launcher's split="auto" (K up to --max-chunks): the first stage's block plans
-            (`costmodel.best_pipeline_plan` on its calibration: equal-time chunks or a smaller
-            first one, stock below a 2% predicted gain) and hands the plan to the other stages
+            (`costmodel.best_pipeline_plan` on its calibration and the stage link measured
+            between the stages: equal-time chunks or a smaller first one, stock below a 2%
+            predicted gain) and hands the plan to the other stages
 TTFT = from a barrier to the last stage's logits, the maximum over ranks; medians of
 --timing-repeats. Each row also has the compute-only twin of every stage (its own layers over
-the same chunks with no transfers: the busiest stage's is reported) and the bound: the cost
-model's `simulate_pipeline` of the row's schedule fed that measured compute of every stage
-(per chunk in the shares `costmodel.chunk_costs` gives) and the measured link: all the work,
-the pipeline's fill and drain, nothing overlapped that cannot be.
+the same chunks with no transfers, the stages in turn: the busiest stage's is reported) and the
+bound (beside it the same bound fed twins run by all stages at once: on this machine two busy
+cores slow each other, as they do while the pipeline is full; the truth lies between): the cost model's `simulate_pipeline` of the row's schedule fed that measured compute of
+every stage (per chunk in the shares `costmodel.chunk_costs` gives), the TP link's time per
+all-reduce (overlapped as ISO's schedule allows, or waited at once for "sync") and the stage
+link's per transfer: all the work, the pipeline's fill and drain, nothing overlapped that cannot be.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
+from contextlib import ExitStack, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -125,10 +142,11 @@ class PipelineBench:
         mask = prefill_mask(self.model, s, "cpu")
         return lambda: pipeline_forward(self.model, ids, pos, mask, StaticInferenceContext(1, s), chunked=True)
 
-    def stage_compute(self, s, bounds):
+    def stage_compute(self, s, bounds, alone=True):
         """ms of this stage's layers over `bounds` alone: no transfers (a later stage runs on a
         stand-in input), the chunks as the pipeline runs them (TP 1 plans as TP 2 would, and
-        its reduces are over a group of one)."""
+        its reduces are over a group of one); the stages measured in turn, the others idle
+        (`alone=False`: all at once, as in a full pipeline's steady state on this machine)."""
         from megatron.core.inference.contexts import StaticInferenceContext
 
         from iso_megatron.comm import stand_in_tp
@@ -145,57 +163,104 @@ class PipelineBench:
                     self.model.set_input_tensor(x)
                 return self.model(ids, pos, None, decoder_input=x if self.first else None,
                                   inference_context=StaticInferenceContext(1, s), runtime_gather_output=True)
-        times = cli.time_ms(run, self.args.timing_repeats, 1)
+        # one stage at a time: the stages' compute overlaps only partly in a pipeline, and two
+        # ranks computing at once on this machine's two cores slow each other (shared cache and
+        # memory: measured, the bound came out 4-5% above what the chunked pipeline then ran)
+        best = None
+        for turn in range(self.world if alone else 1):
+            dist.barrier()
+            if turn == self.rank or not alone:
+                best = min(cli.time_ms(run, self.args.timing_repeats, 1))
+        dist.barrier()
         if (None if bounds is None else list(bounds)) != self.ran():
             raise RuntimeError(f"compute twin ran {self.ran()}, asked {bounds}")
-        return min(times)
+        return best
 
-    # -- the link between stages
-    def p2p_link(self) -> cm.P2PLink:
-        """Latency and bandwidth of one chunk's transfer between stages 0 and 1 (fitted on two
-        sizes, the fastest of a few each)."""
-        h, sizes, secs = self.args.hidden_size, (16, 2048), []
-        for rows in sizes:
-            t = torch.zeros(rows, 1, h)
-            best = float("inf")
-            for _ in range(5):
-                dist.barrier()
-                t0 = time.perf_counter()
-                if self.rank == 0:
-                    dist.send(t, 1)
-                    dist.recv(t[:1], 1)  # the reply: the transfer has landed
-                elif self.rank == 1:
-                    dist.recv(t, 0)
-                    dist.send(t[:1], 0)
-                best = min(best, time.perf_counter() - t0)
-            secs.append(best)
-        t = torch.tensor(secs, dtype=torch.float64)
-        dist.broadcast(t, 0)
-        small, large = t.tolist()
-        per_byte = max((large - small) / ((sizes[1] - sizes[0]) * h * 4), 1e-15)
-        latency = max(small - sizes[0] * h * 4 * per_byte, 0.0)
-        return cm.P2PLink("measured (gloo)", latency * 1e6, 1 / per_byte / 1e9)
+    # -- the links: the stages' (gloo, or emulated at a ratio) and, standing in, a TP group's
+    def links(self, s, stage_stock_ms):
+        """(TP link model or None, stage link model or None) for a prompt of `s` tokens, from the
+        stages' measured stock compute: --pp-tp-ratio R makes each stage's reduces take R x its
+        own stock compute in all (2 per layer, the whole prompt's bytes each; the first stage
+        also reduces its vocab-parallel embedding's output once, as megatron does), --pp-link ratio:R
+        makes the whole prompt's hidden states take R x the busiest stage's stock compute to
+        cross from one stage to the next."""
+        from iso_megatron.emulated import LinkModel
 
-    def agree(self, bounds):
-        box = [bounds]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+        a, nbytes = self.args, s * self.args.hidden_size * 4
+        tp = None
+        if a.pp_tp_ratio > 0:
+            mine = stage_stock_ms[self.rank] / 1e3
+            tp = LinkModel.for_ratio(a.pp_tp_ratio, mine, 2 * self.layers[self.rank], nbytes)
+        p2p = None
+        if a.pp_link_ratio is not None:
+            p2p = LinkModel.for_ratio(a.pp_link_ratio, max(stage_stock_ms) / 1e3, 1, nbytes)
+        return tp, p2p
 
-    def bound_ms(self, s, bounds, stage_ms, link):
+    @staticmethod
+    def link_objects(tp_model, p2p_model):
+        """The emulated links of one prompt length, made once: split="auto" calibrates per link
+        object (a new one per run would recalibrate inside the timed runs)."""
+        from iso_megatron.emulated import EmulatedLink, EmulatedP2P, WaitedReducer
+
+        tp = None
+        if tp_model is not None:
+            link = EmulatedLink(tp_model, real="none")  # a group of one: the sum is the tensor itself
+            tp = (link, WaitedReducer(link))
+        return tp, EmulatedP2P(p2p_model) if p2p_model is not None else None
+
+    @staticmethod
+    def over(tp, p2p, overlap=True):
+        """The `with` of one timed run: the TP link (this stage standing in for TP 2; stock's
+        reduces over it too; `overlap=False`: each of ISO's reduces waited for at once) and the
+        stage link, as `link_objects` made them."""
+        from iso_megatron.comm import use_p2p, use_reducer
+        from iso_megatron.emulated import emulate
+
+        stack = ExitStack()
+        if tp is not None:
+            link, waited = tp
+            stack.enter_context(emulate(link, stand_in_tp=2))
+            if not overlap:
+                stack.enter_context(use_reducer(waited))
+        if p2p is not None:
+            stack.enter_context(use_p2p(p2p))
+        return stack
+
+    def stage_link(self, p2p):
+        """The stage link measured (round trips between the stages: `PipelineIO.measure_link`,
+        what split="auto" plans with), emulated or not."""
+        from iso_megatron.comm import use_p2p
+        from iso_megatron.megatron.pipeline import PipelineIO
+
+        with use_p2p(p2p) if p2p is not None else nullcontext():
+            return PipelineIO(torch.empty(0), (0, 1)).measure_link(self.args.hidden_size, torch.float32,
+                                                                    torch.device("cpu"))
+
+    def bound_ms(self, bounds, stage_ms, send_seconds, tp, overlap):
         """`simulate_pipeline` of the chunked stages fed each stage's measured compute (shared out
-        over the chunks and parts as `costmodel.chunk_costs` divides it) and the measured link."""
+        over the chunks and parts as `costmodel.chunk_costs` divides it), the TP link's time per
+        reduce (waited at once without overlap) and the stage link's per transfer."""
         from iso_megatron.schedule import stage_schedule
 
         device, tp_link = cm.DEVICES["h100"], cm.LINKS["h100"]  # shares only: any profile
         shares = cm.step_costs(self.shape, device, tp_link, 1, bounds, 1, 4)
         total = sum(c.compute_s for c in shares.values())
-        k = len(bounds) - 1
+        k, h = len(bounds) - 1, self.args.hidden_size
+        rows = {c: e - b for c, (b, e) in enumerate(zip(bounds, bounds[1:]))}
         steps, costs = [], []
         for i, (n, ms) in enumerate(zip(self.layers, stage_ms)):
             steps.append(stage_schedule(n, k, i == 0, i == len(self.layers) - 1))
-            costs.append({key: cm.PartCost(ms / 1e3 / n * c.compute_s / total, 0.0) for key, c in shares.items()})
-        send = {c: link.seconds((e - b) * self.args.hidden_size * 4) for c, (b, e) in enumerate(zip(bounds, bounds[1:]))}
-        return cm.simulate_pipeline(steps, costs, send) * 1e3
+            stage = {}
+            for (part, c), cost in shares.items():
+                compute = ms / 1e3 / n * cost.compute_s / total
+                comm = tp[i].seconds(rows[c] * h * 4) if tp is not None else 0.0
+                stage[(part, c)] = cm.PartCost(compute, comm) if overlap else cm.PartCost(compute + comm, 0.0)
+            costs.append(stage)
+        send = {c: send_seconds(n * h * 4) for c, n in rows.items()}
+        # megatron's vocab-parallel embedding all-reduces the whole prompt before the first
+        # stage's layers (at any TP size: over the stand-in link too), before any chunk starts
+        embedding = tp[0].seconds(bounds[-1] * h * 4) if tp is not None else 0.0
+        return (embedding + cm.simulate_pipeline(steps, costs, send)) * 1e3
 
     def timed(self, fn):
         t = cli.time_ms(fn, 1, 0, sync=dist.barrier)
@@ -203,57 +268,82 @@ class PipelineBench:
         dist.all_reduce(box, op=dist.ReduceOp.MAX)  # TTFT: when the last stage is done
         return box.tolist()
 
+    def configs(self, s):
+        """name -> (chunk bounds or None or "auto", ISO's overlap): stock, each K (equal-time
+        chunks; with a TP link also without the overlap: "K=n sync") and auto."""
+        out = {"stock": (None, True)}
+        for p in _plans(self.args.pp_chunks):
+            if p == "auto":
+                out["auto"] = ("auto", True)
+                continue
+            bounds = cm.chunk_boundaries(s, p, "balanced", cm.token_cost(self.shape))
+            if len(bounds) - 1 == p:
+                if self.args.pp_tp_ratio > 0:
+                    out[f"K={p} sync"] = (bounds, False)
+                out[f"K={p}"] = (bounds, True)
+        return out
+
     def run(self):
         a = self.args
-        link = self.p2p_link()
         records = []
         for s in self.seq_lens():
             fwd = self.forward(s)
-            configs = {"stock": None}
-            for p in _plans(a.pp_chunks):
-                if p == "auto":
-                    configs["auto"] = "auto"
-                else:
-                    bounds = cm.chunk_boundaries(s, p, "balanced", cm.token_cost(self.shape))
-                    if len(bounds) - 1 == p:
-                        configs[f"K={p}"] = bounds
+            configs = self.configs(s)
             with torch.no_grad():
-                for name, bounds in configs.items():  # warm-up; auto calibrates and plans here
+                stage_stock = self.gather(self.stage_compute(s, None))
+                tp_model, p2p_model = self.links(s, stage_stock)
+                tp = self.gather(tp_model) if tp_model is not None else None  # each stage's own
+                tp_link, p2p = self.link_objects(tp_model, p2p_model)
+                link = self.stage_link(p2p)
+                send_seconds = p2p_model.seconds if p2p_model is not None else link.seconds
+                for name, (bounds, overlap) in configs.items():  # warm-up; auto calibrates and plans here
                     self.set_split(bounds)
-                    fwd()
+                    with self.over(tp_link, p2p, overlap):
+                        fwd()
                     if bounds == "auto":
                         auto = self.ran()  # what auto runs for this prompt (every rep: checked)
-                asked = {name: auto if b == "auto" else b for name, b in configs.items()}
+                asked = {name: auto if b == "auto" else b for name, (b, _) in configs.items()}
                 times = {name: [] for name in configs}
                 for _ in range(a.timing_repeats):
-                    for name, bounds in configs.items():
+                    for name, (bounds, overlap) in configs.items():
                         self.set_split(bounds)
-                        times[name] += self.timed(fwd)
+                        with self.over(tp_link, p2p, overlap):
+                            times[name] += self.timed(fwd)
                         ran = self.ran()
                         want = asked[name]
                         if ran != (None if want is None else list(want)):
                             raise RuntimeError(f"{name}: ran {ran}, asked {want}")
-                stage_stock = self.gather(self.stage_compute(s, None))
                 stock_ms = statistics.median(times["stock"])
+                twins = {}
                 for name, bounds in asked.items():
+                    overlap = configs[name][1]
                     ttft = statistics.median(times[name])
                     rec = dict(seq_len=s, stages=self.stages, plan=name, chunks=None if bounds is None else len(bounds) - 1,
-                               boundaries=bounds, ttft_ms=ttft, stock_ms=stock_ms, ratio=ttft / stock_ms,
-                               spread=cli.spread(times[name]), link_latency_us=link.latency_us, link_gbs=link.bw_gbs)
+                               boundaries=bounds, overlap=overlap, ttft_ms=ttft, stock_ms=stock_ms, ratio=ttft / stock_ms,
+                               spread=cli.spread(times[name]), link_latency_us=link.latency_us, link_gbs=link.bw_gbs,
+                               pp_link=a.pp_link, tp_ratio=a.pp_tp_ratio)
                     if bounds is None:
                         rec.update(stage_compute_ms=stage_stock, bound_ms=None, bound_saving_share=None)
                     else:
-                        stage_ms = self.gather(self.stage_compute(s, bounds))
-                        bound = self.bound_ms(s, bounds, stage_ms, link)
+                        key = tuple(bounds)
+                        if key not in twins:  # one pair of compute twins per chunking (sync and ISO share it)
+                            twins[key] = (self.gather(self.stage_compute(s, bounds)),
+                                          self.gather(self.stage_compute(s, bounds, alone=False)))
+                        stage_ms, together_ms = twins[key]
+                        bound = self.bound_ms(bounds, stage_ms, send_seconds, tp, overlap)
                         saving = stock_ms - bound
                         rec.update(stage_compute_ms=stage_ms, bound_ms=bound, over_bound=ttft / bound - 1,
-                                   bound_saving_share=(stock_ms - ttft) / saving if saving > 0 else None)
+                                   bound_saving_share=(stock_ms - ttft) / saving if saving > 0 else None,
+                                   # the same fed the stages' compute measured all at once: the two
+                                   # cores slowing each other, as they do while the pipeline is full
+                                   stage_compute_together_ms=together_ms,
+                                   bound_together_ms=self.bound_ms(bounds, together_ms, send_seconds, tp, overlap))
                     records.append(rec)
                     if self.rank == 0:
                         print(_line(rec), flush=True)
         return records
 
-    def gather(self, value: float):
+    def gather(self, value):
         out = [None] * self.world
         dist.all_gather_object(out, value)
         return out
@@ -263,9 +353,44 @@ def _line(r) -> str:
     b = "-" if r["bound_ms"] is None else f"{r['bound_ms']:8.1f}"
     share = "-" if r.get("bound_saving_share") is None else f"{r['bound_saving_share']:.2f}"
     busiest = max(r["stage_compute_ms"])
-    return (f"[bench-pp] s={r['seq_len']:6d} {r['plan']:6s} K={r['chunks'] or 1:<3d} TTFT {r['ttft_ms']:8.1f} ms "
+    return (f"[bench-pp] s={r['seq_len']:6d} {r['plan']:9s} K={r['chunks'] or 1:<3d} TTFT {r['ttft_ms']:8.1f} ms "
             f"(stock {r['stock_ms']:8.1f}, x{r['ratio']:.3f}, spread {r['spread']:.3f}) bound {b} "
             f"saving/bound's {share} busiest stage compute {busiest:.1f} bounds {r['boundaries']}")
+
+
+def summarize(records) -> str:
+    """Markdown table of a pipeline bench JSON, and the issue's targets read off it."""
+    first = records[0]
+    tp_ratio = first.get("tp_ratio", 0.0)
+    link = (f"stage link {first.get('pp_link', 'gloo')} (measured {first['link_latency_us']:.0f} us + "
+            f"{first['link_gbs']:.3g} GB/s)" + (f", each stage standing in for TP 2 at M/C {tp_ratio}" if tp_ratio else ", TP 1"))
+    rows = [f"TP 1 x PP {first['stages']}, {link}; medians of the repetitions, ms.", "",
+            "| tokens | plan | K | TTFT | / stock | spread | busiest stage compute | bound | over bound | "
+            "share of bound's saving | bound, stages together (over) | boundaries |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)
+    for r in records:
+        t = r.get("bound_together_ms")
+        together = "-" if t is None else f"{t:.1f} ({r['ttft_ms'] / t - 1:+.1%})"
+        rows.append(f"| {r['seq_len']} | {r['plan']} | {r['chunks'] or 1} | {r['ttft_ms']:.1f} | {r['ratio']:.3f} | "
+                    f"{r['spread']:.1%} | {max(r['stage_compute_ms']):.1f} | {f(r['bound_ms'], '.1f')} | "
+                    f"{f(r.get('over_bound'), '+.1%')} | {f(r['bound_saving_share'], '.2f')} | {together} | "
+                    f"{r['boundaries'] or '-'} |")
+    rows.append("")
+    for s in sorted({r["seq_len"] for r in records}):
+        auto = [r for r in records if r["seq_len"] == s and r["plan"] == "auto"]
+        if not auto:
+            continue
+        a = auto[0]
+        stock = next(r for r in records if r["seq_len"] == s and r["plan"] == "stock")
+        slack = max(0.02, a["spread"], stock["spread"])
+        if a["chunks"] is None:
+            verdict = "steps aside" + ("" if a["ratio"] <= 1 + slack else f" but {a['ratio'] - 1:+.1%} (> {slack:.1%})")
+        else:
+            verdict = (f"K={a['chunks']}: {a['ratio']:.3f} of stock PP, {a['over_bound']:+.1%} over the bound, "
+                       f"{f(a['bound_saving_share'], '.2f')} of its saving")
+        rows.append(f"- {s} tokens, auto: {verdict}")
+    return "\n".join(rows)
 
 
 def main(args):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every benchmark figure of docs/bench_results.md, from the repo root (about 20 minutes on a
-# 2-core CPU): three launch/bench.py runs, then their tables. Each run exits non-zero when a
+# Every benchmark figure of docs/bench_results.md, from the repo root (about 45 minutes on a
+# 2-core CPU): five launch/bench.py runs, then their tables. Each run exits non-zero when a
 # record breaks one of the bench's own checks (ISO compute vs stock beyond 5%, a time reduction
 # beyond the same-run bound, ISO peak memory above 1.05 x stock); this script reports every
 # run's status and exits non-zero if any failed.
@@ -8,6 +8,9 @@
 #      that GPU, model and TP, and the device's contention), 1024 and 2048 tokens, every split
 #   2. TP 2, short prompts and a fast link: auto only (where ISO must step aside or not lose)
 #   3. TP 1: no all-reduce at all, auto (nothing to overlap: must not lose)
+#   4. chunked pipeline parallelism, TP 1 x PP 2 (launch/bench_pipeline.py): stage transfers
+#      over gloo; then each stage standing in for TP 2 (all-reduces at M/C 0.5) with the stage
+#      link emulated at 0.05 of a stage's compute (Llama-3-70B, TP 8 x PP 4, H100 + IB NDR)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-docs}
@@ -25,7 +28,10 @@ run bench_cpu_emulated 2 \
     --seq-lens 1024,2048 --splits even,balanced,auto --plot "$OUT/bench_cpu_emulated.png"
 run bench_cpu_short 2 --profiles ratio:0.05,ratio:1 --seq-lens 256,512 --splits auto
 run bench_cpu_tp1 1 --profiles ratio:1 --seq-lens 1024,2048 --splits auto
-for name in bench_cpu_emulated bench_cpu_short bench_cpu_tp1; do
+PP=(--pipeline-model-parallel-size 2 --seq-lens 256,512,2048,4096 --pp-chunks 2,4,8,auto --max-chunks 8)
+run bench_cpu_pp 2 "${PP[@]}"
+run bench_cpu_pp_emulated 2 "${PP[@]}" --pp-tp-ratio 0.5 --pp-link ratio:0.05
+for name in bench_cpu_emulated bench_cpu_short bench_cpu_tp1 bench_cpu_pp bench_cpu_pp_emulated; do
     [ -f "$OUT/$name.json" ] && { echo; echo "### $name"; python3 launch/bench.py --summarize "$OUT/$name.json"; }
 done
 exit $status

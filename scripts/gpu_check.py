@@ -996,7 +996,11 @@ def check_bench(ctx, deadline, figures):
                             iso_compute_ms=r["iso_compute_ms"], comm_ms=r["iso_comm_ms"],
                             hidden_fraction=r["hidden_fraction"], spread=r["spread"], problems=r["problems"],
                             max_rel_err=r["max_rel_err"], peak_mem_ratio=r.get("peak_mem_ratio"),
-                            dtype=r.get("dtype"), param_dtypes=r.get("param_dtypes"))
+                            dtype=r.get("dtype"), param_dtypes=r.get("param_dtypes"),
+                            # the cost model's compute against the measured (issue 11: the host rule)
+                            model_compute_error=r.get("model_compute_error"),
+                            model_stock_compute_error=r.get("model_stock_compute_error"),
+                            calibration=r.get("calibration"))
                        for r in records]
         lens = {int(x) for x in ctx.size["bench"][ctx.size["bench"].index("--seq-lens") + 1].split(",")}
         missing = lens - {r["seq_len"] for r in res["rows"]}

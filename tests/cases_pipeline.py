@@ -103,29 +103,44 @@ def pipeline_exactness(family: str, tp: int, pp: int, num_layers: int, seq_lens,
     return out
 
 
-def pipeline_auto(family: str, pp: int, num_layers: int, seq_lens, max_chunks: int):
+def pipeline_auto(family: str, pp: int, num_layers: int, seq_lens, max_chunks: int, slow_link_s: float = 0.0):
     """split="auto" through a TP 1 x PP pipeline: each prompt's plan as every stage ran it (the
-    first stage plans, the others take its plan), and the generation against stock PP."""
+    first stage plans, the others take its plan), the stage link it planned with (measured
+    between the stages), and the generation against stock PP. `slow_link_s` > 0: the longest
+    prompt once more over an emulated stage link of that latency per transfer (a new link:
+    measured anew)."""
+    from contextlib import nullcontext
+
     from megatron.core import parallel_state as ps
     from megatron.core.inference.contexts import StaticInferenceContext
 
     from iso_megatron import ISOConfig, apply_iso, causal_mask
-    from iso_megatron.megatron.pipeline import pipeline_forward
+    from iso_megatron.comm import use_p2p
+    from iso_megatron.emulated import EmulatedP2P, LinkModel
+    from iso_megatron.megatron.pipeline import PipelineIO, pipeline_forward
 
     _setup(1, pp)
     stock, iso = _stage_pair(family, pp, num_layers)
     apply_iso(iso, ISOConfig(num_chunks=max_chunks, split="auto", min_tokens=0))
+    runs = [(s, None) for s in seq_lens]
+    if slow_link_s > 0:
+        runs.append((max(seq_lens), EmulatedP2P(LinkModel(latency_s=slow_link_s))))
     out = []
     with torch.no_grad():
-        for s in seq_lens:
-            ids = torch.randint(0, 256, (1, s), generator=torch.Generator().manual_seed(s))
-            pipeline_forward(iso, ids, torch.arange(s)[None], causal_mask(s), StaticInferenceContext(1, s),
-                             chunked=True)
-            plan = iso.decoder.iso_plan
-            ref_logits, ref_tokens, _ = _generate(stock, ids, 2, chunked=False)
-            logits, tokens, _ = _generate(iso, ids, 2, chunked=True)
-            out.append(dict(seq=s, stage=ps.get_pipeline_model_parallel_rank(),
+        for s, link in runs:
+            with use_p2p(link) if link is not None else nullcontext():
+                ids = torch.randint(0, 256, (1, s), generator=torch.Generator().manual_seed(s))
+                pipeline_forward(iso, ids, torch.arange(s)[None], causal_mask(s), StaticInferenceContext(1, s),
+                                 chunked=True)
+                plan = iso.decoder.iso_plan
+                ref_logits, ref_tokens, _ = _generate(stock, ids, 2, chunked=False)
+                logits, tokens, _ = _generate(iso, ids, 2, chunked=True)
+                hidden = iso.config.hidden_size  # the link the plan used (cached: no new probe)
+                measured = PipelineIO(torch.empty(0), (0, 1)).measure_link(hidden, iso.config.params_dtype,
+                                                                         torch.device("cpu"))
+            out.append(dict(seq=s, stage=ps.get_pipeline_model_parallel_rank(), slow_link=link is not None,
                             bounds=None if plan.bounds is None else list(plan.bounds), reason=plan.reason,
+                            link_latency_s=measured.latency_us * 1e-6, link_gbs=measured.bw_gbs,
                             err=None if logits is None else rel_err(logits, ref_logits),
                             tokens=tokens, ref_tokens=ref_tokens))
     return out

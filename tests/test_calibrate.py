@@ -200,9 +200,10 @@ def test_token_term_without_the_adapters_layer_is_the_elementwise_work(measured)
     # no probe: the elementwise miniature at the model's widths, real kernels: some time per token
     cal = calib.calibrate(SHAPE, CPU, tp=2)
     assert cal.token_s > 0
-    assert calib.Calibration._fields[-1] == "token_s"  # appended: positional users unchanged
+    assert calib.Calibration._fields[-2:] == ("token_s", "host_async")  # appended: positional users unchanged
     old = calib.Calibration(*cal[:7])  # a caller that knows the seven older fields
     assert old.token_s == 0.0 and old.device().token_s == 0.0
+    assert not cal.host_async and not cal.device().host_async  # CPU: the host waits for each kernel
 
 
 def test_fused_pair_rate_separates_the_per_query_cost(monkeypatch):
@@ -454,7 +455,7 @@ def test_calibration_is_one_collective_agreement_then_none(ranks):
         assert p["later"] == [] and p["torch_calls"] == []
     a, b = (r["planning"] for r in ranks)
     assert a["cal"] == b["cal"]  # bit-identical although rank 1 measured a slower GEMM
-    assert a["cal"][-1] > 0  # ... and twice the per-token term (the slowest rank's is taken)
+    assert calib.Calibration(*a["cal"]).token_s > 0  # ... and twice the per-token term (the slowest rank's is taken)
     assert a["plans"] == b["plans"]
     assert any(bounds is not None for bounds, *_ in a["plans"])  # not only the stock path
 

@@ -377,3 +377,30 @@ def test_pipeline_bench_two_stages():
                 assert r["chunks"] == int(r["plan"][2:])
                 # equal-time chunks: the first chunk (the shortest prefix) gets the most tokens
                 assert b[1] - b[0] >= max(e - s for s, e in zip(b[1:], b[2:]))
+
+
+@pytest.mark.multiprocess
+def test_pipeline_bench_emulated_links():
+    """--pp-tp-ratio 0.5 --pp-link ratio:0.2: each stage stands in for a TP 2 group whose
+    all-reduces (stock's too) take half its stock compute on an emulated link, and the stages'
+    transfers are emulated too. Every chunking runs twice, its reduces waited at once ("K=2
+    sync": chunked PP) and overlapped (ISO), each with its bound; auto plans with the emulated
+    stage link measured (the bench checks every row ran the chunks it asked for)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "pp.json")
+        rc, text = run_process([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                "2", "launch/bench.py", "--pipeline-model-parallel-size", "2", "--pp-chunks",
+                                "2,auto", "--output-json", out, "--num-layers", "2", "--hidden-size", "64",
+                                "--ffn-hidden-size", "160", "--timing-repeats", "1", "--seq-lens", "384",
+                                "--pp-tp-ratio", "0.5", "--pp-link", "ratio:0.2"], timeout=180)
+        assert rc == 0 and "[bench-pp] wrote" in text, text[-4000:]
+        with open(out) as f:
+            records = json.load(f)
+    assert [r["plan"] for r in records] == ["stock", "K=2 sync", "K=2", "auto"]
+    by = {r["plan"]: r for r in records}
+    assert by["K=2 sync"]["boundaries"] == by["K=2"]["boundaries"]
+    assert by["K=2 sync"]["overlap"] is False and by["K=2"]["overlap"] is True
+    for r in records:
+        assert r["tp_ratio"] == 0.5 and r["pp_link"] == "ratio:0.2"
+    for name in ("K=2 sync", "K=2"):
+        assert by[name]["bound_ms"] > 0 and by[name]["chunks"] == 2

@@ -54,22 +54,39 @@ def test_tp2_pp2_is_exact_with_iso_in_both_stages(tp2_pp2):
             assert c["err"] <= FP32_REL_TOL, c
 
 
+SLOW_LINK_S = 0.1  # an emulated stage link: 100 ms per transfer, whatever its size
+
+
 def test_auto_split_planned_on_the_first_stage_is_every_stages_and_exact():
-    """split="auto" in a pipeline (TP 1 x PP 2): the first stage plans from its calibration
-    (`costmodel.best_pipeline_plan`), every stage runs that plan; a long prompt is cut (two
-    stages working at once is predicted to pay), and the generation equals stock PP's."""
-    ranks = run_ranks(2, "tests.cases_pipeline:pipeline_auto", "llama", 2, LAYERS, [16, 1024], 8, timeout=400)
-    by_seq = {}
+    """split="auto" in a pipeline (TP 1 x PP 2): the first stage plans from its calibration and
+    the stage link measured between the stages (`costmodel.best_pipeline_plan`), every stage
+    runs that plan; a long prompt is cut (two stages working at once is predicted to pay), and
+    the generation equals stock PP's. Over an emulated stage link of 100 ms per transfer the
+    probe measures that latency and the same prompt is cut in fewer chunks (each chunk pays it);
+    the values still travel for real: exact."""
+    ranks = run_ranks(2, "tests.cases_pipeline:pipeline_auto", "llama", 2, LAYERS, [16, 1024], 8, SLOW_LINK_S,
+                      timeout=400)
+    by_run = {}
     for c in (c for rank in ranks for c in rank):
-        by_seq.setdefault(c["seq"], []).append(c)
+        by_run.setdefault((c["seq"], c["slow_link"]), []).append(c)
         assert c["tokens"] == c["ref_tokens"], c
         if c["stage"] == 1:
             assert c["err"] <= FP32_REL_TOL, c
-    for s, cases in by_seq.items():
+    assert sorted(by_run) == [(16, False), (1024, False), (1024, True)]
+    for cases in by_run.values():
         assert len({str(c["bounds"]) for c in cases}) == 1, cases  # one plan on both stages
-    long = by_seq[1024][0]
+        assert len({(c["link_latency_s"], c["link_gbs"]) for c in cases}) == 1, cases  # one link on both
+    long = by_run[(1024, False)][0]
     assert long["bounds"] is not None and len(long["bounds"]) >= 3, long  # auto cut the prompt
-    assert "through 2 stages" in long["reason"], long
+    assert "through 2 stages" in long["reason"] and "stage link measured between stages" in long["reason"], long
+    assert long["link_latency_s"] < SLOW_LINK_S / 10, long  # gloo on one host
+    slow = by_run[(1024, True)][0]
+    # the probe's round trips hold to the emulated latency (the fastest of 5, so load adds little)
+    assert 0.95 * SLOW_LINK_S <= slow["link_latency_s"] <= 1.3 * SLOW_LINK_S, slow
+    # planned with that link (its latency in the plan's reason), and each chunk pays the
+    # latency: fewer chunks than over gloo (or stock)
+    assert f"stage link measured between stages: {slow['link_latency_s'] * 1e6:.0f} us" in slow["reason"], slow
+    assert slow["bounds"] is None or len(slow["bounds"]) < len(long["bounds"]), (slow, long)
 
 
 def test_auto_split_failing_on_the_first_stage_fails_every_stage():

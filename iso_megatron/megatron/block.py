@@ -82,9 +82,10 @@ _UNSUPPORTED_ARGS = ("packed_seq_params", "attention_bias", "context", "rotary_p
 
 
 def plan_forward(iso: Optional[ISOConfig], config, training: bool, hidden_states, args,
-                 group, layers=None, pipeline_stages: int = 1) -> PrefillPlan:
+                 group, layers=None, pipeline_stages: int = 1, stage_link=None) -> PrefillPlan:
     """The plan of this forward: what only Megatron knows here, then `planner.plan_prefill`
-    (`pipeline_stages` > 1: this block is one stage of a chunked pipeline prefill).
+    (`pipeline_stages` > 1: this block is one stage of a chunked pipeline prefill, `stage_link`
+    the measured link between stages, a `costmodel.P2PLink`).
 
     `layers` (the layers ISO would run) give split="auto" its calibration on the model's own
     layer and attention (`step_probe`, `attention_kind`); without them it calibrates on
@@ -126,7 +127,7 @@ def plan_forward(iso: Optional[ISOConfig], config, training: bool, hidden_states
     auto = bool(layers) and isinstance(iso.split, str) and iso.split == "auto"
     env = Environment(hidden_states.device, config.params_dtype, group,
                       step_probe(layers, hidden_states, args) if auto else None,
-                      attention_kind(layers) if auto else None)
+                      attention_kind(layers) if auto else None, stage_link)
     return plan_prefill(iso, ModelShape.from_megatron_config(config), seq_len, hidden_states.size(1),
                         comm.tp_size(group), env, pipeline_stages)
 
@@ -350,12 +351,15 @@ class ISOTransformerBlock(TransformerBlock):
             # split="auto" in a pipeline: planned on the first stage alone (every stage must cut
             # the same chunks), the plan handed to the others
             auto = pipeline is not None and self.iso_config is not None and self.iso_config.split == "auto"
-            plan = error = None
+            plan = error = link = None
+            if auto and self.iso_config.enabled:  # every stage takes part in measuring the stage link
+                link = pipeline.measure_link(self.config.hidden_size, pipeline.dtype(self.config),
+                                             hidden_states.device)
             if not auto or pipeline.first:
                 try:
                     plan = plan_forward(self.iso_config, self.config, self.training, hidden_states, bound,
                                         _tp_group(self.layers), list(self.layers),
-                                        1 if pipeline is None else pipeline.stages)
+                                        1 if pipeline is None else pipeline.stages, link)
                 except Exception as e:  # the other stages wait for this plan: tell them, then raise
                     if not auto:
                         raise

@@ -3,10 +3,11 @@ ISO over its own layers (schedule.stage_schedule), and stock PP inference to com
 
 `PipelineIO` is what a stage's ISOTransformerBlock is handed for one prefill (through
 GPTModel's `extra_block_kwargs={"pipeline": io}`): the point-to-point transfers of chunk
-hidden states, `torch.distributed.isend` / `irecv` on Megatron's pipeline group, one tag per
-chunk, into slices of the stage's input buffer. Megatron's own p2p helpers wait for each
-transfer (`P2PCommunicator`) or synchronise CUDA (`inference.communication_utils`); a chunk
-must leave while the next one computes.
+hidden states, isend / irecv on Megatron's pipeline group (`comm.make_p2p`: torch.distributed,
+or a benchmark's emulated link), one tag per chunk, into slices of the stage's input buffer.
+Megatron's own p2p helpers wait for each transfer (`P2PCommunicator`) or synchronise CUDA
+(`inference.communication_utils`); a chunk must leave while the next one computes.
+`PipelineIO.measure_link` times the link between stages for split="auto" to plan with.
 
 `pipeline_forward` is one forward of a pipeline-parallel GPTModel as megatron-core's inference
 runs it (a stage receives the whole sequence's hidden states, runs, sends its output on), except
@@ -15,13 +16,21 @@ that a prefill given `chunked=True` leaves the transfers to the ISO block. Decod
 
 from __future__ import annotations
 
-from typing import Optional
+import time
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from .. import comm
+from .. import costmodel as cm
+
 DEFAULT_WIDTH = 2  # chunks in flight in a stage (schedule.wavefront_cells)
+LINK_ROWS = (16, 2048)  # rows x hidden of the stage-link probe's two transfers
+LINK_REPEATS = 5        # round trips per size; the fastest counts (load only adds time)
+
+_stage_links: Dict[tuple, cm.P2PLink] = {}
 
 
 def pipeline_size() -> int:
@@ -38,12 +47,18 @@ class PipelineIO:
         self.next = ps.get_pipeline_model_parallel_next_rank()
         self.buffer, self.bounds, self.width = input_buffer, tuple(bounds), width
         self.stages = ps.get_pipeline_model_parallel_world_size()
+        self.p2p = comm.make_p2p(self.group)
         if not self.first and input_buffer is None:
             raise ValueError("PipelineIO: a stage after the first needs its input buffer [s, b, h]")
 
     def with_bounds(self, bounds) -> "PipelineIO":
         """The same stage's transfers for chunks `bounds` (the block's plan)."""
         return PipelineIO(self.buffer, bounds, self.width)
+
+    @staticmethod
+    def dtype(config) -> torch.dtype:
+        """The dtype of the hidden states passed between stages."""
+        return getattr(config, "pipeline_dtype", None) or config.params_dtype
 
     def first_stage_plan(self, plan):
         """The first stage's `plan` (any picklable value), on every stage (a collective of the
@@ -52,21 +67,76 @@ class PipelineIO:
         dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_first_rank(), group=self.group)
         return box[0]
 
+    def measure_link(self, hidden: int, dtype: torch.dtype, device: torch.device) -> cm.P2PLink:
+        """The link between neighbouring stages (split="auto" plans with it): round trips of two
+        sizes of [rows, hidden] between each stage and the next, through this prefill's transport
+        (an emulated link measures as itself), the slowest pair's latency and bandwidth, the
+        same on every rank of the model-parallel group (a collective of that group). Measured
+        once per transport, pipeline group, hidden size, dtype and device, then cached."""
+        key = (comm.p2p_key(), self.group, hidden, dtype, device)
+        if key not in _stage_links:
+            _stage_links[key] = self._probe(hidden, dtype, device)
+        return _stage_links[key]
+
+    def _probe(self, hidden, dtype, device) -> cm.P2PLink:
+        rank = ps.get_pipeline_model_parallel_rank()
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        group = ps.get_model_parallel_group()
+        # the buffers first, agreed across the model-parallel group: a rank that cannot allocate
+        # them must not leave its peers waiting in a transfer
+        flag = torch.zeros(1, dtype=torch.float64, device=device)
+        try:
+            buffers = [torch.zeros(rows, hidden, dtype=dtype, device=device) for rows in LINK_ROWS]
+        except Exception as e:  # reported below, on every rank alike
+            buffers, flag[0] = str(e), 1.0
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        if flag.item() > 0:
+            raise RuntimeError(f"measuring the link between pipeline stages failed on some rank"
+                               + (f": {buffers}" if isinstance(buffers, str) else ""))
+        seconds = [0.0, 0.0]
+        for phase in (0, 1):  # pairs (0, 1), (2, 3), ... then (1, 2), (3, 4), ...: one pair per stage
+            for i, t in enumerate(buffers):
+                if rank % 2 == phase and not self.last:  # times round trips to the next stage
+                    best = float("inf")
+                    for rep in range(LINK_REPEATS + 1):  # the first: warm-up
+                        sync()
+                        t0 = time.perf_counter()
+                        self.p2p.isend(t, self.next).wait()
+                        self.p2p.irecv(t[:1], self.next).wait()  # the reply: the transfer has landed
+                        sync()
+                        if rep:
+                            best = min(best, time.perf_counter() - t0)
+                    seconds[i] = max(seconds[i], best)
+                elif (rank - 1) % 2 == phase and not self.first:
+                    for _ in range(LINK_REPEATS + 1):
+                        self.p2p.irecv(t, self.prev).wait()
+                        self.p2p.isend(t[:1], self.prev).wait()
+        # round trip of n rows + a 1-row reply = 2 latencies + (n + 1) rows' bytes
+        row = hidden * dtype.itemsize
+        small, large = seconds
+        per_byte = max((large - small) / ((LINK_ROWS[1] - LINK_ROWS[0]) * row), 1e-15) if large > small else 1e-15
+        latency = max((small - (LINK_ROWS[0] + 1) * row * per_byte) / 2, 0.0)
+        figures = torch.tensor([latency, per_byte], dtype=torch.float64, device=device)
+        dist.all_reduce(figures, op=dist.ReduceOp.MAX, group=group)
+        latency, per_byte = figures.tolist()
+        return cm.P2PLink("measured between stages", latency * 1e6, 1 / per_byte / 1e9,
+                          f"{LINK_REPEATS} round trips of {LINK_ROWS} x {hidden} rows, {dtype}")
+
     # stock: the whole sequence at once
     def recv_whole(self) -> torch.Tensor:
-        dist.recv(self.buffer, src=self.prev, group=self.group)
+        self.p2p.irecv(self.buffer, self.prev).wait()
         return self.buffer
 
     def send_whole(self, hidden: torch.Tensor) -> None:
-        dist.send(hidden.contiguous(), dst=self.next, group=self.group)
+        self.p2p.isend(hidden.contiguous(), self.next).wait()
 
     # ISO: chunk by chunk (schedule.run_prefill walks these)
     def start_recv(self, chunk: int):
         view = self.buffer[self.bounds[chunk]:self.bounds[chunk + 1]]
-        return dist.irecv(view, src=self.prev, group=self.group, tag=chunk), view
+        return self.p2p.irecv(view, self.prev, tag=chunk), view
 
     def start_send(self, chunk: int, hidden: torch.Tensor):
-        return dist.isend(hidden.contiguous(), dst=self.next, group=self.group, tag=chunk)
+        return self.p2p.isend(hidden.contiguous(), self.next, tag=chunk)
 
 
 def _decoder(model):
@@ -92,7 +162,8 @@ def pipeline_forward(model, ids: torch.Tensor, pos: torch.Tensor, mask, ctx, chu
     b, s = ids.shape
     buffer = None
     if not first:
-        buffer = torch.empty(s, b, gpt.config.hidden_size, dtype=_pipeline_dtype(gpt), device=ids.device)
+        buffer = torch.empty(s, b, gpt.config.hidden_size, dtype=PipelineIO.dtype(gpt.config),
+                             device=ids.device)
     io = PipelineIO(buffer, (0, s))
     extra = None
     if chunked and hasattr(decoder, "iso_config"):
@@ -105,11 +176,6 @@ def pipeline_forward(model, ids: torch.Tensor, pos: torch.Tensor, mask, ctx, chu
     if extra is None and not last:
         io.send_whole(out)
     return out if last else None
-
-
-def _pipeline_dtype(gpt) -> torch.dtype:
-    config = gpt.config
-    return getattr(config, "pipeline_dtype", None) or config.params_dtype
 
 
 def broadcast_from_last_stage(tensor: torch.Tensor) -> torch.Tensor:
