@@ -163,9 +163,10 @@ class PipelineBench:
                     self.model.set_input_tensor(x)
                 return self.model(ids, pos, None, decoder_input=x if self.first else None,
                                   inference_context=StaticInferenceContext(1, s), runtime_gather_output=True)
-        # one stage at a time: the stages' compute overlaps only partly in a pipeline, and two
-        # ranks computing at once on this machine's two cores slow each other (shared cache and
-        # memory: measured, the bound came out 4-5% above what the chunked pipeline then ran)
+        # alone: one stage at a time. Two ranks computing at once on this machine's two cores
+        # slow each other (shared cache and memory), while a pipeline's stages overlap only in
+        # part: fed twins measured all at once, the "bound" came out 4-5% above the time the
+        # chunked pipeline then took
         best = None
         for turn in range(self.world if alone else 1):
             dist.barrier()
