@@ -649,16 +649,16 @@ def auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch: int, tp:
                                       f"vs stock {p.baseline_ms:.2f} ms", p.iso_ms, p.baseline_ms)
 
 
-# Chunks of a pipelined prompt average at least this many tokens (4 tensor-core tiles): below it
-# the calibration's rates overstate what small chunks reach. Measured (launch/bench.py
+# Chunks of a pipelined prompt average at least this many tokens at TP 1 (2 tensor-core tiles):
+# below it the calibration's rates overstate what small chunks reach. Measured (launch/bench.py
 # --pipeline-model-parallel-size 2, this repo's 2-core CPU): 256 tokens in 6 chunks of ~43 took
 # 1.49x the compute of one chunk (calibrated model: far less), and the pipelined prompt 8.5% longer
-# than stock PP; 512 tokens in 2-4 chunks and longer prompts gained. That is at TP 1, where the
-# chunks gain only the pipeline's fill. With TP > 1 ISO's overlap pays for smaller chunks (one
-# 64-token tile, as auto without PP; measured with each stage standing in for TP 2 at M/C 0.5,
-# docs/bench_cpu_pp_emulated.json: 256 tokens in 2 or 4 chunks 0.81 and 0.74 of stock PP, in 8
-# of 32 tokens 0.86; auto took 4).
-PIPELINE_MIN_CHUNK = 256
+# than stock PP; with this floor auto runs 256 tokens stock and cuts 512 in 4 (0.85 of stock PP;
+# a 256-token floor left it 2 chunks, 0.95) and 768 in 6 (0.80). With TP > 1 ISO's overlap pays
+# for smaller chunks (one 64-token tile, as auto without PP; measured with each stage standing in
+# for TP 2 at M/C 0.5, docs/bench_cpu_pp_emulated.json: 256 tokens in 2 or 4 chunks 0.81 and 0.74
+# of stock PP, in 8 of 32 tokens 0.86; auto took 4).
+PIPELINE_MIN_CHUNK = 128
 PIPELINE_MIN_CHUNK_TP = 64
 
 # planned once per (calibration, stage layers, length): the search simulates every candidate
