@@ -672,9 +672,9 @@ def pipeline_auto_plan(shape: ModelShape, env: Environment, seq_len: int, batch:
     `max_chunks`, stock unless predicted MIN_GAIN faster than stock PP. The point-to-point link
     between stages is `env.stage_link` (the Megatron block measures it), else taken to be as
     fast as the calibrated TP link. Every stage must cut the same chunks: the caller plans on
-    the first stage and hands that plan to the others (the Megatron block does). Chunks average at least
-    PIPELINE_MIN_CHUNK tokens at TP 1, PIPELINE_MIN_CHUNK_TP with TP > 1: shorter prompts run
-    stock."""
+    the first stage and hands that plan to the others (the Megatron block does). Chunks average
+    at least PIPELINE_MIN_CHUNK tokens at TP 1, PIPELINE_MIN_CHUNK_TP with TP > 1: shorter
+    prompts run stock."""
     if max_chunks < 2 or seq_len < 2:
         return stock("auto: nothing to split")
     cal = calibrate(shape, env, tp=tp)

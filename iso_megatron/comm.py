@@ -69,13 +69,18 @@ def reducer_key():
 
 
 @contextmanager
+def _setting(var: ContextVar, value):
+    """`var` set to `value` for the block, reset after it (also on error)."""
+    token = var.set(value)
+    try:
+        yield value
+    finally:
+        var.reset(token)
+
+
 def use_reducer(factory: Callable):
     """Route ISO's reduces through `factory(group)` for the duration of the block."""
-    token = _reducer_factory.set(factory)
-    try:
-        yield factory
-    finally:
-        _reducer_factory.reset(token)
+    return _setting(_reducer_factory, factory)
 
 
 def make_p2p(group):
@@ -89,27 +94,17 @@ def p2p_key():
     return _p2p_factory.get()
 
 
-@contextmanager
 def use_p2p(factory: Callable):
     """Route pipeline stages' point-to-point transfers through `factory(group)` for the block."""
-    token = _p2p_factory.set(factory)
-    try:
-        yield factory
-    finally:
-        _p2p_factory.reset(token)
+    return _setting(_p2p_factory, factory)
 
 
-@contextmanager
 def stand_in_tp(size: int):
     """Plan ISO as if the TP group had `size` ranks although this process is alone in it: the
     one-GPU proxy benchmark, whose link stands in for the other ranks (`use_reducer`)."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"stand_in_tp: size must be an int >= 1, got {size!r}")
-    token = _stand_in_tp.set(size)
-    try:
-        yield size
-    finally:
-        _stand_in_tp.reset(token)
+    return _setting(_stand_in_tp, size)
 
 
 def stand_in_factor(group) -> int:

@@ -746,15 +746,20 @@ def plot(records, path):
     return True
 
 
+def _bench_pipeline():
+    """launch/bench_pipeline.py (the pipeline-parallel benchmark)."""
+    try:
+        from launch import bench_pipeline
+    except ImportError:  # run as a script: launch/ itself is on the path
+        import bench_pipeline
+    return bench_pipeline
+
+
 def summarize(records) -> str:
     """Markdown table of a bench JSON: per profile, prompt length and split (a pipeline bench's
     JSON: `bench_pipeline.summarize`)."""
     if records and "stages" in records[0]:
-        try:
-            from launch import bench_pipeline
-        except ImportError:  # run as a script: launch/ itself is on the path
-            import bench_pipeline
-        return bench_pipeline.summarize(records)
+        return _bench_pipeline().summarize(records)
     rows = ["| profile | prompt | split | K | stock C ms | ISO C ms | M ms | M/C (ISO) | s | bound ms | "
             "stock ms | ISO ms | hidden fraction | time reduction (bound) | spread | peak mem | model C error |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -811,11 +816,7 @@ def main(argv=None):
             print(summarize(json.load(f)))
         return
     if args.pipeline_model_parallel_size > 1:
-        try:
-            from launch import bench_pipeline
-        except ImportError:  # run as a script: launch/ itself is on the path
-            import bench_pipeline
-        return bench_pipeline.main(args)
+        return _bench_pipeline().main(args)
     from iso_megatron.faults import distributed_timeout, watch_job
     from iso_megatron.runtime import init_process_group, shutdown
 

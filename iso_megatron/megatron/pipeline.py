@@ -114,7 +114,7 @@ class PipelineIO:
         # round trip of n rows + a 1-row reply = 2 latencies + (n + 1) rows' bytes
         row = hidden * dtype.itemsize
         small, large = seconds
-        per_byte = max((large - small) / ((LINK_ROWS[1] - LINK_ROWS[0]) * row), 1e-15) if large > small else 1e-15
+        per_byte = max((large - small) / ((LINK_ROWS[1] - LINK_ROWS[0]) * row), 1e-15)
         latency = max((small - (LINK_ROWS[0] + 1) * row * per_byte) / 2, 0.0)
         figures = torch.tensor([latency, per_byte], dtype=torch.float64, device=device)
         dist.all_reduce(figures, op=dist.ReduceOp.MAX, group=group)
