@@ -240,6 +240,11 @@ def token_cost(model: ModelShape) -> TokenCost:
 class PartCost(NamedTuple):
     compute_s: float  # compute of the part up to its partial sum
     comm_s: float     # the all-reduce of that partial sum
+    # the compute stream's own time for that all-reduce: at its start (after the part's
+    # compute, while the link already carries it) and at its wait (before the wait can end):
+    # e.g. the emulated link's real data movement on a CPU core (launch/bench.py)
+    start_s: float = 0.0
+    wait_s: float = 0.0
 
 
 def _roofline(flops: float, nbytes: float, device: DeviceProfile) -> float:
@@ -351,7 +356,7 @@ def part_cost(step_costs: Mapping[Tuple[str, int], PartCost], part: str, chunk: 
     if part != MERGED or key in step_costs:
         return step_costs[key]
     attn, mlp = step_costs[("attn", chunk)], step_costs[("mlp", chunk)]
-    return PartCost(attn.compute_s + mlp.compute_s, attn.comm_s)
+    return PartCost(attn.compute_s + mlp.compute_s, attn.comm_s, attn.start_s, attn.wait_s)
 
 
 def simulate(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int], PartCost],
@@ -360,7 +365,8 @@ def simulate(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str, int]
 
     compute: runs after the previous compute; at (1 - contention) of its speed while a transfer
     is on the link, at full speed otherwise (piecewise in time). reduce: starts when its compute
-    is done and the link is free. finish: the compute stream waits until that all-reduce is done.
+    is done and the link is free; the compute stream then spends its `start_s`. finish: the
+    compute stream spends the reduce's `wait_s`, then waits until that all-reduce is done.
     Transfers are not slowed by compute. Every transfer a compute can overlap is known when that
     compute is simulated: a reduce listed later starts after its own compute, so after this one.
     """
@@ -391,13 +397,15 @@ def simulate_stage(schedule_steps: Sequence[Step], step_costs: Mapping[Tuple[str
                 compute_free, first = _slowed_finish(compute_free, work, busy, first, rate)
             computed[key] = compute_free
         elif s.op == "reduce":
+            cost = part_cost(step_costs, s.part, s.chunk)
             start = max(computed[key], link_free)
-            link_free = start + part_cost(step_costs, s.part, s.chunk).comm_s
+            link_free = start + cost.comm_s
             if link_free > start:
                 busy.append((start, link_free))
             reduced[key] = link_free
+            compute_free += cost.start_s
         elif s.op == "finish":
-            compute_free = max(compute_free, reduced[key])
+            compute_free = max(compute_free + part_cost(step_costs, s.part, s.chunk).wait_s, reduced[key])
         elif s.op == "arrive":
             compute_free = max(compute_free, arrivals[s.chunk])
         elif s.op == "send":  # the point-to-point link is the stages', not the TP group's

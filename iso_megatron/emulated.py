@@ -100,6 +100,17 @@ class Transfer(NamedTuple):
     nbytes: int
 
 
+class HostTime(NamedTuple):
+    """The calling thread's own time for one transfer, beside the link's modelled time: on a CPU
+    the emulation's real data movement runs on the compute core (a GPU's NCCL does it on SMs:
+    the contention term). `start_s`: in start() once the transfer is on the link (the data into
+    shared memory); `wait_s`: in wait() before the hold (the peers' data summed in, waiting for
+    a peer that has not put its own yet)."""
+    nbytes: int
+    start_s: float
+    wait_s: float
+
+
 def _hold_until(deadline: float) -> None:
     # sleep most of the way, then spin the last ~0.2 ms (sleep overshoots by ~0.05-0.1 ms)
     while True:
@@ -182,14 +193,16 @@ class _ShmRing:
 
 
 class EmulatedHandle:
-    def __init__(self, link: "EmulatedLink", transfer: Transfer, tensor, group, work, ring=None, seq=None):
+    def __init__(self, link: "EmulatedLink", transfer: Transfer, tensor, group, work, ring=None, seq=None,
+                 start_s: float = 0.0):
         self.link, self.transfer, self.tensor, self.group, self.work = link, transfer, tensor, group, work
-        self.ring, self.seq = ring, seq
+        self.ring, self.seq, self.start_s = ring, seq, start_s
         self._done = False
 
     def wait(self):
         if self._done:
             return True
+        entered = time.perf_counter()
         if self.ring is not None:
             self.ring.sum_into(self.tensor, self.seq)
         elif self.link.real == "lazy":
@@ -200,6 +213,8 @@ class EmulatedHandle:
         # start() and wait()) as it would have run beside it; stock waits at once: nothing
         t = self.transfer
         now = time.perf_counter()
+        if self.link.record:
+            self.link.host_log.append(HostTime(t.nbytes, self.start_s, now - entered))
         slowed = self.link.model.contention_delay(now - t.started, t.done - t.started)
         _hold_until(max(t.done, now + slowed))
         self._done = True
@@ -219,7 +234,8 @@ class EmulatedReducer:
 
 class EmulatedLink:
     """One rank's emulated link. Call it with a group to get a reducer (a `use_reducer` factory);
-    put it in place with `with emulate(link):`. `record=True` keeps every `Transfer` in `log`."""
+    put it in place with `with emulate(link):`. `record=True` keeps every `Transfer` in `log` and
+    the calling thread's own time for each (`HostTime`) in `host_log`, as each is waited."""
 
     def __init__(self, model: LinkModel = LinkModel(), real: str = "shm", record: bool = False,
                  max_bytes: int = 4 << 20):
@@ -230,6 +246,7 @@ class EmulatedLink:
         self._rings = {}
         self.free_at = 0.0
         self.log: List[Transfer] = []
+        self.host_log: List[HostTime] = []
         self._pending: List[EmulatedHandle] = []
 
     def __call__(self, group) -> EmulatedReducer:
@@ -250,7 +267,7 @@ class EmulatedLink:
                 seq = ring.put(tensor)
         if ring is None and self.real in ("eager", "shm"):
             work = dist.all_reduce(tensor, group=group, async_op=True)
-        handle = EmulatedHandle(self, transfer, tensor, group, work, ring, seq)
+        handle = EmulatedHandle(self, transfer, tensor, group, work, ring, seq, time.perf_counter() - now)
         self._pending.append(handle)
         return handle
 

@@ -26,7 +26,8 @@ run() {  # name, nproc, bench arguments...
 run bench_cpu_emulated 2 \
     --profiles ratio:0.5,ratio:1,ratio:2,gpu:4090/opt-30b/tp4,gpu:a800/opt-30b/tp4,gpu:4090/llama-33b/tp4,gpu:a800/llama-33b/tp4 \
     --seq-lens 1024,2048 --splits even,balanced,auto --plot "$OUT/bench_cpu_emulated.png"
-run bench_cpu_short 2 --profiles ratio:0.05,ratio:1 --seq-lens 256,512 --splits auto
+# short prompts: cheap, and their few-ms differences are the noise's size: twice the repetitions
+run bench_cpu_short 2 --profiles ratio:0.05,ratio:1 --seq-lens 256,512 --splits auto --timing-repeats $((2 * REPS + 1))
 run bench_cpu_tp1 1 --profiles ratio:1 --seq-lens 1024,2048 --splits auto
 PP=(--pipeline-model-parallel-size 2 --seq-lens 256,512,2048,4096 --pp-chunks 2,4,8,auto --max-chunks 8)
 run bench_cpu_pp 2 "${PP[@]}"

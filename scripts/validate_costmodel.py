@@ -222,9 +222,9 @@ class Instruments:
             self.handles.append(layer.register_forward_pre_hook(self._pre))
             self.handles.append(layer.register_forward_hook(self._post))
 
-        def run_prefill(ops, num_layers, chunks, reducer):
+        def run_prefill(ops, num_layers, chunks, reducer, **kwargs):
             self.iso = TimedOps(ops, len(chunks))
-            return self.real_run(self.iso, num_layers, chunks, reducer)
+            return self.real_run(self.iso, num_layers, chunks, reducer, **kwargs)
         block.run_prefill = run_prefill
 
     def _pre(self, *a):

@@ -372,6 +372,23 @@ def test_contention_on_a_hand_computed_schedule():
     assert cm.simulate(steps, TINY_COSTS, contention=0.5) < 2 * TINY_AT_ZERO
 
 
+def test_host_time_of_transfers_on_a_hand_computed_schedule():
+    # the compute stream's own time in a transfer: `start_s` once the reduce is on the link,
+    # `wait_s` before its wait can end. One chunk, costs (compute, AR, start, wait):
+    # attn (1, 3, .5, .25): compute [0, 1], AR [1, 4], host to 1.5, wait's host to 1.75, the AR
+    # ends at 4: hidden under the exposed wait; mlp (2, 1, .5, .75): compute [4, 6], AR [6, 7],
+    # host to 6.5, wait's host to 7.25 > 7: 7.25
+    sync = {("attn", 0): cm.PartCost(1.0, 3.0, 0.5, 0.25), ("mlp", 0): cm.PartCost(2.0, 1.0, 0.5, 0.75)}
+    assert cm.simulate(prefill_schedule(1, 1), sync) == 7.25
+    # two chunks, every transfer .5 + .25 of host: attn0 [0, 1] AR [1, 4] host to 1.5; attn1
+    # [1.5, 3.5] AR [4, 5] host to 4; finish attn0: 4.25; mlp0 [4.25, 5.25] AR [5.25, 6.25] host
+    # to 5.75; finish attn1: 6; mlp1 [6, 8] AR [8, 9] host to 8.5; finish mlp0: 8.75; mlp1: 9
+    # (without host time: 8, TINY_COSTS' first layer)
+    costs = {k: cm.PartCost(c.compute_s, c.comm_s, 0.5, 0.25) for k, c in TINY_COSTS.items()}
+    assert cm.simulate(prefill_schedule(1, 2), costs) == 9.0
+    assert cm.simulate(prefill_schedule(1, 2), TINY_COSTS) == 8.0
+
+
 def _time_stepped(steps, costs, s, dt):
     """An independent reference: advance time in steps of dt; compute progresses by dt, or by
     dt (1 - s) while a transfer is on the link; the link runs queued transfers in order."""
