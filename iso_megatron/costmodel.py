@@ -242,7 +242,8 @@ class PartCost(NamedTuple):
     comm_s: float     # the all-reduce of that partial sum
     # the compute stream's own time for that all-reduce: at its start (after the part's
     # compute, while the link already carries it) and at its wait (before the wait can end):
-    # e.g. the emulated link's real data movement on a CPU core (launch/bench.py)
+    # e.g. the emulated link's real data movement on a CPU core (launch/bench.py); not slowed
+    # by contention here (the emulation counts it as compute beside the transfer: a little more)
     start_s: float = 0.0
     wait_s: float = 0.0
 

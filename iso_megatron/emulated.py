@@ -20,7 +20,8 @@ How the real all-reduce travels (`real=`):
           all-reduces between GPUs without P2P: `start()` copies the rank's partial sum into its
           slot of a shared ring, `wait()` sums all ranks' slots in rank order (bit-identical on
           every rank; for 2 ranks also bit-identical to gloo's a + b) into the tensor. No
-          barrier, no helper thread: ~0.1 ms of the compute thread per MiB, against ~1 ms of
+          barrier, no helper thread: ~0.1 ms of the compute thread per MiB with the data in
+          cache, 0.4-0.5 ms inside a prefill (the benchmark's `iso_host_ms`), against ~1 ms of
           gloo's TCP loopback, which would otherwise be charged to the overlapped schedule.
           Tensors larger than the ring's slots fall back to "eager".
   "lazy"  gloo, synchronously in `wait()` just before the hold (a barrier between ranks).
@@ -104,8 +105,10 @@ class HostTime(NamedTuple):
     """The calling thread's own time for one transfer, beside the link's modelled time: on a CPU
     the emulation's real data movement runs on the compute core (a GPU's NCCL does it on SMs:
     the contention term). `start_s`: in start() once the transfer is on the link (the data into
-    shared memory); `wait_s`: in wait() before the hold (the peers' data summed in, waiting for
-    a peer that has not put its own yet)."""
+    shared memory); `wait_s`: in wait() before the hold (the peers' data summed in). Time spent
+    waiting for a peer (its data not yet put, a slot not yet read) is left out: that is the
+    ranks' skew, not this rank's work. Recorded for the shared-memory path ("shm") only:
+    gloo's paths run on their own threads or are the transfer itself."""
     nbytes: int
     start_s: float
     wait_s: float
@@ -149,6 +152,7 @@ class _ShmRing:
         self.written = self.buf[: 8 * self.n].view(torch.int64)
         self.read = self.buf[8 * self.n: 16 * self.n].view(torch.int64)
         self.seq = 0
+        self.spun_s = 0.0  # seconds spent waiting for the peers, all transfers
         self._reads_done = set()
         self._read_upto = 0
 
@@ -156,10 +160,15 @@ class _ShmRing:
         off = self.header + (rank * self.slots + seq % self.slots) * self.slot_bytes
         return self.buf[off: off + nbytes]
 
-    @staticmethod
-    def _spin(cond):
+    def _spin(self, cond):
+        """Wait for the peers (a slot read, a slot written); the time goes to `spun_s`, which
+        is waiting, not this rank's own data movement."""
+        if cond():
+            return
+        began = time.perf_counter()
         while not cond():
             time.sleep(2e-5)
+        self.spun_s += time.perf_counter() - began
 
     def put(self, tensor) -> int:
         seq = self.seq
@@ -178,13 +187,16 @@ class _ShmRing:
         nbytes = tensor.numel() * tensor.element_size()
         parts = [self._slot(r, seq, nbytes).view(tensor.dtype) for r in range(self.n)]
         flat = tensor.view(-1) if tensor.is_contiguous() else None
-        acc = torch.add(parts[0], parts[1]) if self.n > 1 else parts[0].clone()
-        for p in parts[2:]:
-            acc.add_(p)
-        if flat is not None:
-            flat.copy_(acc)
+        if flat is not None and self.n == 2:  # straight into the tensor: no temporary, same bits
+            torch.add(parts[0], parts[1], out=flat)
         else:
-            tensor.copy_(acc.view(tensor.shape))
+            acc = torch.add(parts[0], parts[1]) if self.n > 1 else parts[0].clone()
+            for p in parts[2:]:
+                acc.add_(p)
+            if flat is not None:
+                flat.copy_(acc)
+            else:
+                tensor.copy_(acc.view(tensor.shape))
         self._reads_done.add(seq)
         while self._read_upto in self._reads_done:  # reads may finish out of order
             self._reads_done.discard(self._read_upto)
@@ -203,6 +215,7 @@ class EmulatedHandle:
         if self._done:
             return True
         entered = time.perf_counter()
+        spun = self.ring.spun_s if self.ring is not None else 0.0
         if self.ring is not None:
             self.ring.sum_into(self.tensor, self.seq)
         elif self.link.real == "lazy":
@@ -213,8 +226,8 @@ class EmulatedHandle:
         # start() and wait()) as it would have run beside it; stock waits at once: nothing
         t = self.transfer
         now = time.perf_counter()
-        if self.link.record:
-            self.link.host_log.append(HostTime(t.nbytes, self.start_s, now - entered))
+        if self.link.record and self.ring is not None:  # the shared-memory path's own copies
+            self.link.host_log.append(HostTime(t.nbytes, self.start_s, now - entered - (self.ring.spun_s - spun)))
         slowed = self.link.model.contention_delay(now - t.started, t.done - t.started)
         _hold_until(max(t.done, now + slowed))
         self._done = True
@@ -261,13 +274,16 @@ class EmulatedLink:
         if self.record:
             self.log.append(transfer)
         work = ring = seq = None
+        spun = 0.0
         if self.real == "shm" and nbytes <= self.max_bytes:
             ring = self._ring(group)
             if ring is not None:
+                spun = ring.spun_s
                 seq = ring.put(tensor)
+                spun = ring.spun_s - spun
         if ring is None and self.real in ("eager", "shm"):
             work = dist.all_reduce(tensor, group=group, async_op=True)
-        handle = EmulatedHandle(self, transfer, tensor, group, work, ring, seq, time.perf_counter() - now)
+        handle = EmulatedHandle(self, transfer, tensor, group, work, ring, seq, time.perf_counter() - now - spun)
         self._pending.append(handle)
         return handle
 

@@ -53,6 +53,11 @@ repetitions (`cli.time_ms`). Each record has:
                                      steps fed this run's measured ISO compute and its M, compute
                                      slowed by `contention` while a transfer is in flight, and
                                      the compute thread's own time in each transfer
+  bound_no_host_ms,                  the same without that host time, for a reader who does not
+  hidden_fraction_no_host            accept the charge (the A800 rows' hidden fraction is 0.1
+                                     lower without it)
+  stock_host_ms                      stock's own host time in its transfers (its waits included):
+                                     an independent look at the per-byte cost ISO is charged
   iso_host_ms                        that time, all of ISO's transfers together: on the emulated
                                      link the real data movement (into shared memory at start,
                                      the peers' sum at wait), which runs on this CPU's compute
@@ -100,7 +105,7 @@ warnings.filterwarnings("ignore")
 FIELDS = ("profile", "seq_len", "tp", "split", "num_chunks", "baseline_ms", "iso_ms", "stock_compute_ms",
           "iso_compute_ms", "compute_ratio", "stock_comm_ms", "iso_comm_ms", "iso_ratio", "contention",
           "bound_ms", "bound_reduction", "hidden_fraction", "time_reduction", "spread", "compute_spread",
-          "iso_host_ms", "peak_mem_ratio",
+          "iso_host_ms", "stock_host_ms", "bound_no_host_ms", "hidden_fraction_no_host", "peak_mem_ratio",
           "problems")
 COMPUTE_TOLERANCE = 0.05  # ISO's compute against stock's, either way (issue 11)
 MEMORY_TOLERANCE = 0.05   # ISO's peak memory against stock's
@@ -441,11 +446,17 @@ class Bench:
             dist.barrier()
 
     def max_over_ranks(self, values):
+        return self._over_ranks(values, dist.ReduceOp.MAX)
+
+    def mean_over_ranks(self, values):
+        return [v / self.world for v in self._over_ranks(values, dist.ReduceOp.SUM)]
+
+    def _over_ranks(self, values, op):
         t = torch.tensor(values, dtype=torch.float64)
         if self.world > 1:
             if self.device == "cuda":
                 t = t.cuda()
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            dist.all_reduce(t, op=op)
         return t.cpu().tolist()
 
     def timed(self, fn, repeats, warmup=0):
@@ -545,10 +556,11 @@ class Bench:
                         raise RuntimeError(f"{name}: ran {self.ran()}, planned {bounds[name]}")
         med = {n: cli.median(v) for n, v in times.items()}
         # twins of the same chunks (auto's plan is often balanced's; one chunk is stock's path)
-        # measure one thing: their repetitions pooled (identical twins measured 515 and 535 ms
-        # in one run, and the bound follows the twin)
-        same = lambda n: tuple(bounds[n]) if bounds[n] else None
-        pooled = {n: [t for m in configs if same(m) == same(n) for t in ctimes[m]] for n in configs}
+        # measure one thing: their repetitions pooled (docs/bench_results.md: two identical
+        # twins 3.8% apart in one run, and the bound follows the twin)
+        chunks_of = lambda n: tuple(bounds[n]) if bounds[n] else None
+        pool = {n: [m for m in configs if chunks_of(m) == chunks_of(n)] for n in configs}
+        pooled = {n: [t for m in pool[n] for t in ctimes[m]] for n in configs}
         cmed = {n: cli.median(v) for n, v in pooled.items()}
         base_ms, stock_c = med["baseline"], cmed["baseline"]
         ref = outs["baseline"].float()
@@ -558,6 +570,7 @@ class Bench:
             transfer_s = lambda nbytes: self.measure_comm(link, [nbytes]) / 1e3
         contention = link_model.contention if link_model is not None else 0.0
         stock_comm_ms = 2 * L * transfer_s(full_bytes) * 1e3
+        stock_host = self.host_times(host["baseline"], [full_bytes])[0]  # a cross-check of ISO's
         records = []
         for split in splits:
             bd = bounds[split]
@@ -569,6 +582,7 @@ class Bench:
             iso_ms, iso_c = med[split], cmed[split]
             iso_comm_ms = 2 * L * sum(chunk_s) * 1e3
             bound_ms = self.same_run_bound(bd or [0, s], iso_c, chunk_s, cal, contention, chunk_host)
+            bound_no_host_ms = self.same_run_bound(bd or [0, s], iso_c, chunk_s, cal, contention)
             plan = plans[split]
             rec = dict(profile=profile if self.link_mode == "emulated" else self.link_mode,
                        seq_len=s, tp=self.tp, split=split, num_chunks=k, boundaries=bd,
@@ -577,7 +591,12 @@ class Bench:
                        stock_comm_ms=stock_comm_ms, iso_comm_ms=iso_comm_ms,
                        stock_ratio=stock_comm_ms / stock_c, iso_ratio=iso_comm_ms / iso_c,
                        contention=contention, iso_host_ms=2 * L * sum(map(sum, chunk_host)) * 1e3,
-                       bound_ms=bound_ms, bound_reduction=1 - bound_ms / base_ms,
+                       stock_host_ms=2 * L * sum(stock_host) * 1e3,
+                       bound_ms=bound_ms, bound_no_host_ms=bound_no_host_ms,
+                       hidden_fraction_no_host=(base_ms - iso_ms) / (base_ms - bound_no_host_ms)
+                       if k > 1 and base_ms - bound_no_host_ms > 0.01 * base_ms else None,
+                       bound_reduction=1 - bound_ms / base_ms,
+                       iso_compute_pooled_with=[m for m in pool[split] if m != split],
                        # none where ISO steps aside (one chunk: stock's own path, nothing to
                        # hide) or its bound allows no saving worth the name
                        hidden_fraction=(base_ms - iso_ms) / (base_ms - bound_ms)
@@ -606,14 +625,14 @@ class Bench:
 
     def host_times(self, host_log, chunk_bytes):
         """[(start_s, wait_s)] per chunk: the medians of the `HostTime`s of that chunk's size over
-        ISO's timed runs, max over ranks; zeros where nothing was recorded (not the emulated
-        link, or a run that does not reduce)."""
+        the timed runs, averaged over ranks (the max of each would add up to more than any rank
+        spent); zeros where nothing was recorded (not the emulated link, or no reduce)."""
         out = []
         for nbytes in chunk_bytes:
             mine = [h for h in host_log if h.nbytes == nbytes]
             out += [cli.median([h.start_s for h in mine]) if mine else 0.0,
                     cli.median([h.wait_s for h in mine]) if mine else 0.0]
-        out = self.max_over_ranks(out)
+        out = self.mean_over_ranks(out)
         return list(zip(out[0::2], out[1::2]))
 
     def same_run_bound(self, bounds, iso_compute_ms, chunk_comm_s, cal, contention, chunk_host=None):
@@ -807,14 +826,15 @@ def summarize(records) -> str:
             "stock ms | ISO ms | hidden fraction | time reduction (bound) | spread | peak mem | model C error |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)
-    hf = lambda r: "-" if r["hidden_fraction"] is None else f"{r['hidden_fraction']:.3f} +-{hidden_noise(r):.2f}"
+    hidden_cell = lambda r: ("-" if r["hidden_fraction"] is None
+                             else f"{r['hidden_fraction']:.3f} +-{hidden_noise(r):.2f}")
     for r in records:
         flag = " **!**" if r.get("problems") else ""
         rows.append(f"| {r['profile']} | {r['seq_len']} | {r['split']} | {r['num_chunks']} | "
                     f"{r['stock_compute_ms']:.1f} | {r['iso_compute_ms']:.1f}{flag} | {r['iso_comm_ms']:.1f} | "
                     f"{r['iso_ratio']:.2f} | {r['contention']:.3g} | {f(r.get('iso_host_ms'), '.1f')} | "
                     f"{r['bound_ms']:.1f} | {r['baseline_ms']:.1f} | "
-                    f"{r['iso_ms']:.1f} | {hf(r)} | {r['time_reduction']:+.1%} "
+                    f"{r['iso_ms']:.1f} | {hidden_cell(r)} | {r['time_reduction']:+.1%} "
                     f"({r['bound_reduction']:+.1%}) | {r['spread']:.1%} | {f(r['peak_mem_ratio'], '.2f')} | "
                     f"{r['model_compute_error']:+.1%} |")
     flagged = [(r, p) for r in records for p in r.get("problems", [])]
@@ -831,9 +851,10 @@ def _noise(rec) -> float:
 
 
 def hidden_noise(rec) -> float:
-    """The hidden fraction's own noise: the time noise (`_noise` x stock) over the saving the
-    bound allows. Where that saving is small (M/C 0.25: the A800 profiles) a few percent of
-    noise in stock's or ISO's time moves the hidden fraction by tenths."""
+    """The hidden fraction's own noise, roughly: the time noise (`_noise` x stock) over the
+    saving the bound allows. Where that saving is small (M/C 0.25: the A800 profiles) a few
+    percent of noise in stock's or ISO's time moves the hidden fraction by tenths: one run
+    there cannot tell 0.9 from 1.0. Reported beside the figure; the verdict is on the figure."""
     return _noise(rec) * rec["baseline_ms"] / (rec["baseline_ms"] - rec["bound_ms"])
 
 
@@ -843,15 +864,16 @@ def target_lines(records):
     allows a saving), ISO never slower than stock, auto never slower than even."""
     key = lambda r: f"{r['profile']} {r['seq_len']} tokens TP {r['tp']}"
     auto = [r for r in records if r["split"] == "auto"]
-    low = [r for r in auto if r["hidden_fraction"] is not None and r["hidden_fraction"] < 0.9]
-    beyond = [f"{key(r)}: {r['hidden_fraction']:.3f} (+-{hidden_noise(r):.3f})" for r in low
-              if r["hidden_fraction"] + hidden_noise(r) < 0.9]
-    within = [f"{key(r)}: {r['hidden_fraction']:.3f} (+-{hidden_noise(r):.3f})" for r in low
-              if r["hidden_fraction"] + hidden_noise(r) >= 0.9]
-    hf = [r["hidden_fraction"] for r in auto if r["hidden_fraction"] is not None]
-    out = [f"auto's hidden fraction of the same-run bound: {min(hf):.3f} to {max(hf):.3f} over "
-           f"{len(hf)} records; below 0.9 beyond the noise: {'; '.join(beyond) or 'none'}"
-           + (f"; below 0.9 within it: {'; '.join(within)}" if within else "")] if hf else []
+    measured = [r for r in auto if r["hidden_fraction"] is not None]
+    low = [f"{key(r)}: {r['hidden_fraction']:.3f} (+-{hidden_noise(r):.2f})" for r in measured
+           if r["hidden_fraction"] < 0.9]
+    out = [f"auto's hidden fraction of the same-run bound: "
+           f"{min(r['hidden_fraction'] for r in measured):.3f} to {max(r['hidden_fraction'] for r in measured):.3f} "
+           f"over {len(measured)} records (their noise +-{min(map(hidden_noise, measured)):.2f} to "
+           f"+-{max(map(hidden_noise, measured)):.2f}); below 0.9: {'; '.join(low) or 'none'}"] if measured else []
+    no_host = [r["hidden_fraction_no_host"] for r in measured if r.get("hidden_fraction_no_host") is not None]
+    if no_host:  # for a reader who does not accept the bound's charge for the link's host time
+        out.append(f"the same against a bound without the host time: {min(no_host):.3f} to {max(no_host):.3f}")
     slower = [f"{key(r)} {r['split']}: {-r['time_reduction']:.1%} (noise {_noise(r):.1%})" for r in records
               if -r["time_reduction"] > _noise(r)]
     out.append("ISO slower than stock beyond the noise: " + ("; ".join(slower) if slower else "none")

@@ -33,6 +33,7 @@ def _link_cases():
         h.wait()
         h.wait()  # idempotent
         out[f"sum_{real}"] = bool(torch.equal(x, want))
+        out[f"host_{real}"] = [(t.nbytes, t.start_s >= 0, t.wait_s >= 0) for t in link.host_log]
     # shm ring: many transfers in flight, waited out of order, sizes up to the slot size
     link = EmulatedLink(LinkModel(0.0, 0.0), real="shm", max_bytes=4096 * 4)
     ts = [torch.full((1 + 397 * i % 4096,), float(i + 1)) * (rank + 1) for i in range(40)]
