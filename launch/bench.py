@@ -56,8 +56,8 @@ repetitions (`cli.time_ms`). Each record has:
   bound_no_host_ms,                  the same without that host time, for a reader who does not
   hidden_fraction_no_host            accept the charge (the A800 rows' hidden fraction is 0.1
                                      lower without it)
-  stock_host_ms                      stock's own host time in its transfers (its waits included):
-                                     an independent look at the per-byte cost ISO is charged
+  stock_host_ms                      stock's own host time in its transfers, measured the same
+                                     way: an independent look at the per-byte cost ISO is charged
   iso_host_ms                        that time, all of ISO's transfers together: on the emulated
                                      link the real data movement (into shared memory at start,
                                      the peers' sum at wait), which runs on this CPU's compute
